@@ -1,0 +1,2 @@
+def run(quick=False):
+    print("resolvent solves: (placeholder)")
