@@ -1,0 +1,94 @@
+"""Exact streaming chain attention (SPEC 2.1, ``method="exact"``).
+
+The same numbers as the dense reference, with no ``n x n`` buffer.  Queries are processed in tiles
+``I`` of ``tq`` rows; for each, one pass over the earlier keys in chunks of ``tk`` keeps an online
+log-sum-exp (running max ``mu`` and sum ``l``) and accumulates, unnormalised and rescaled as the
+max moves,
+
+    acc_I = sum_{J < I} exp(S_IJ - mu) [V_J | X_J]     (one matrix product per chunk)
+
+The diagonal tile closes the normaliser; with ``A_II = exp(S_II - mu) / l`` (causal inside),
+``U_I = (A V)_I`` and ``C_I = sum_{J<I} A_IJ X_J``, block forward substitution gives
+
+    X_I = (I - gamma A_II)^{-1} (U_I + gamma C_I),      Y = (1 - gamma) X.
+
+Time O(n^2 (d + dv)), memory O(n dv + tq tk) per batch entry.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.linalg import solve_triangular
+
+TQ = 128  # query rows per tile
+TK = 1024  # keys per chunk of the streaming pass
+
+
+def row_logsumexp(q, k, scale, tq=TQ, tk=TK):
+    """``log sum_{s <= t} exp(scale q_t . k_s)`` for every row t, streaming over key chunks.
+
+    Shapes: q, k (B, n, d) -> (B, n).  Memory O(B tq tk).
+    """
+    B, n, _ = q.shape
+    out = np.empty((B, n), dtype=q.dtype)
+    for i0 in range(0, n, tq):
+        i1 = min(n, i0 + tq)
+        qi = scale * q[:, i0:i1]
+        mu = np.full((B, i1 - i0), -np.inf, dtype=q.dtype)
+        ell = np.zeros((B, i1 - i0), dtype=q.dtype)
+        for j0 in range(0, i1, tk):
+            j1 = min(i1, j0 + tk)
+            s = qi @ np.swapaxes(k[:, j0:j1], -1, -2)
+            if j1 > i0:  # the chunk reaches the diagonal: mask s > t
+                s[:, np.arange(i0, i1)[:, None] < np.arange(j0, j1)[None, :]] = -np.inf
+            mu_new = np.maximum(mu, s.max(axis=-1))
+            ell = ell * np.exp(mu - mu_new) + np.exp(s - mu_new[..., None]).sum(axis=-1)
+            mu = mu_new
+        out[:, i0:i1] = mu + np.log(ell)
+    return out
+
+
+def forward(q, k, v, gamma, scale, tq=TQ, tk=TK):
+    """Exact chain attention on flattened inputs: q, k (B, n, d), v (B, n, dv), gamma (B,)."""
+    B, n, _ = q.shape
+    dv = v.shape[-1]
+    dt = q.dtype
+    g = gamma.astype(dt, copy=False).reshape(B, 1, 1)
+    # [V | X]: X is filled tile by tile, so one product per chunk serves both accumulations.
+    VX = np.empty((B, n, 2 * dv), dtype=dt)
+    VX[..., :dv] = v
+    tri = np.tri(tq, dtype=bool)
+    eye = np.eye(tq, dtype=dt)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for i0 in range(0, n, tq):
+            i1 = min(n, i0 + tq)
+            T = i1 - i0
+            qi = scale * q[:, i0:i1]
+            mu = np.full((B, T), -np.inf, dtype=dt)
+            ell = np.zeros((B, T), dtype=dt)
+            acc = np.zeros((B, T, 2 * dv), dtype=dt)
+            for j0 in range(0, i0, tk):
+                j1 = min(i0, j0 + tk)
+                s = qi @ np.swapaxes(k[:, j0:j1], -1, -2)
+                mu_new = np.maximum(mu, s.max(axis=-1))
+                alpha = np.exp(mu - mu_new)
+                np.exp(s - mu_new[..., None], out=s)
+                ell = ell * alpha + s.sum(axis=-1)
+                acc *= alpha[..., None]
+                acc += s @ VX[:, j0:j1]
+                mu = mu_new
+            # diagonal tile (causal inside)
+            s = qi @ np.swapaxes(k[:, i0:i1], -1, -2)
+            s[:, ~tri[:T, :T]] = -np.inf
+            mu_new = np.maximum(mu, s.max(axis=-1))
+            alpha = np.exp(mu - mu_new)
+            np.exp(s - mu_new[..., None], out=s)
+            ell = ell * alpha + s.sum(axis=-1)
+            acc *= alpha[..., None]
+            acc[..., :dv] += s @ v[:, i0:i1]
+            inv_l = (1.0 / ell)[..., None]
+            A_II = s * inv_l
+            rhs = acc[..., :dv] * inv_l + g * (acc[..., dv:] * inv_l)
+            M = eye[:T, :T] - g * A_II
+            VX[:, i0:i1, dv:] = solve_triangular(M, rhs, lower=True, check_finite=False)
+    return (1 - g) * VX[..., dv:]
