@@ -164,7 +164,8 @@ def block_iterate(A, B, z, *, block_size: int, two_level: bool, tol: float, maxi
     res = _residual_norm(R, bscale)
     best = res
     it = 0
-    diverged = False
+    diverged = not np.isfinite(res)  # B holds inf/NaN (possible only with check_finite=False)
+    growth = res
     while res > tol and it < maxiter:
         Xn = X + Dinv.apply(R)
         Rn = B - (z * Xn - A @ Xn)
@@ -181,7 +182,12 @@ def block_iterate(A, B, z, *, block_size: int, two_level: bool, tol: float, maxi
     converged = res <= tol
     info = SolveInfo(converged=bool(converged), iterations=it, residual=res, method=method)
     if not converged and not return_info:
-        if diverged:
+        if diverged and not np.isfinite(best):
+            msg = (
+                f"{method} diverged: the relative residual is not finite at the start: B holds "
+                "inf or NaN (an unchecked input, check_finite=False)"
+            )
+        elif diverged:
             msg = (
                 f"{method} diverged: the relative residual grew from {best:.3e} to {growth:.3e} at "
                 f"iteration {it + 1} (tol {tol:.1e}, block_size {b}); the spectral radius of the "

@@ -365,7 +365,23 @@ def solve_shifts(A, B, zs, *, lower=False, check_finite=True):
         else:
             T, Q = sla.schur(A.astype(cdtype), output="complex", check_finite=False)
             Y = np.swapaxes(Q.conj(), -1, -2) @ B3
+            # The computed eigenvalues diag(T) are exact for some A + dA, ||dA|| ~ n eps ||A||
+            # (the Schur form's backward error): a shift closer than that to one of them cannot be
+            # told apart from an eigenvalue of A.
+            lam = np.diagonal(T, axis1=-2, axis2=-1)
+            radius = n * np.finfo(cdtype).eps * np.linalg.norm(A, axis=(-2, -1))
         for i, z in enumerate(zs_arr.astype(cdtype)):
+            if Q is not None:
+                dist = np.abs(z - lam).min(axis=-1)
+                if np.any(dist <= radius):
+                    j = np.unravel_index(int(np.argmax(dist <= radius)), np.shape(dist))
+                    raise np.linalg.LinAlgError(
+                        f"zs[{i}] I - A (zs[{i}] = {zs_arr[i]}) is singular to working precision: "
+                        f"the shift lies within {float(dist[j]):.1e} of an eigenvalue of A"
+                        + (f" (batch slice {tuple(int(t) for t in j)})" if j else "")
+                        + f", inside the Schur form's backward error n eps ||A||_F = "
+                        f"{float(np.broadcast_to(radius, np.shape(dist))[j]):.1e}"
+                    )
             M = -T
             M[..., np.arange(n), np.arange(n)] += z
             what = f"zs[{i}] I - A (zs[{i}] = {zs_arr[i]})"
