@@ -24,12 +24,46 @@ import numpy as np
 from scipy.linalg import solve_triangular
 
 
+# None: use the Numba kernel when Numba imports; True/False force a path (tests cover both).
+USE_NUMBA: bool | None = None
+
+
 def _pad_blocks(x: np.ndarray, b: int, m: int) -> np.ndarray:
     """(B, n, c) -> (B, m, b, c), zero rows appended."""
     B, n, c = x.shape
     if m * b != n:
         x = np.concatenate([x, np.zeros((B, m * b - n, c), dtype=x.dtype)], axis=1)
     return x.reshape(B, m, b, c)
+
+
+def causal_bias(b: int, dtype) -> np.ndarray:
+    """(b, b) array: 0 on and below the diagonal, -inf above (adding it is much faster than masking)."""
+    return np.where(np.tri(b, dtype=bool), 0, -np.inf).astype(dtype)
+
+
+def pooled_scores(q, k, b, scale):
+    """Pooled cross-block weights: row shift ``c`` (B, m), ``W`` (B, m, m), block sizes (m,).
+
+    ``sigma_IJ = scale qbar_I . kbar_J``, ``c_I = max_{J<I} sigma_IJ`` (``-inf`` for block 0) and
+    ``W_IJ = exp(sigma_IJ - c_I)`` for ``J < I``, else 0.
+    """
+    B, n, d = q.shape
+    m = -(-n // b)
+    dt = q.dtype
+    sizes = np.full(m, b, dtype=dt)
+    sizes[-1] = n - (m - 1) * b
+    qbar = _pad_blocks(q, b, m).sum(axis=2) / sizes[:, None]
+    kbar = _pad_blocks(k, b, m).sum(axis=2) / sizes[:, None]
+    sigma = scale * (qbar @ np.swapaxes(kbar, -1, -2))
+    sigma += np.where(np.tri(m, k=-1, dtype=bool), 0, -np.inf).astype(dt)
+    c = sigma.max(axis=-1)  # (B, m), -inf for the first block
+    with np.errstate(invalid="ignore"):
+        W = np.exp(sigma - c[..., None])
+    W[:, 0, :] = 0  # block 0 has no earlier block: clear its NaN row
+    # Weights below eps^2 of the row's largest (which is 1) cannot change a row sum in this precision,
+    # but as subnormal numbers they slow every later product with W by up to 100x: flush them.
+    W[W < np.finfo(dt).eps ** 2] = 0
+    return c, W, sizes
 
 
 def structure(q, k, b, scale):
@@ -42,21 +76,11 @@ def structure(q, k, b, scale):
     dt = q.dtype
     qb = _pad_blocks(q, b, m)
     kb = _pad_blocks(k, b, m)
-    sizes = np.full(m, b, dtype=dt)
-    sizes[-1] = n - (m - 1) * b
+    c, W, sizes = pooled_scores(q, k, b, scale)
     # within-block scores, causal inside the block
     S = qb @ np.swapaxes(kb, -1, -2)
     S *= scale
-    S[..., ~np.tri(b, dtype=bool)] = -np.inf
-    # pooled scores between blocks from mean queries and mean keys
-    qbar = qb.sum(axis=2) / sizes[:, None]
-    kbar = kb.sum(axis=2) / sizes[:, None]
-    sigma = scale * (qbar @ np.swapaxes(kbar, -1, -2))
-    sigma[:, ~np.tri(m, k=-1, dtype=bool)] = -np.inf
-    c = sigma.max(axis=-1)  # (B, m), -inf for the first block
-    with np.errstate(invalid="ignore"):
-        W = np.exp(sigma - c[..., None])
-    W[:, ~np.tri(m, k=-1, dtype=bool)] = 0  # also clears the NaN row of block 0
+    S += causal_bias(b, dt)
     pooled = W @ sizes  # sum_J W_IJ n_J, (B, m)
     r = np.maximum(S.max(axis=-1), c[..., None])  # (B, m, b), finite
     S -= r[..., None]
@@ -74,8 +98,38 @@ def lower_solve(M: np.ndarray, R: np.ndarray) -> np.ndarray:
     return np.linalg.solve(M, R)
 
 
+def use_numba() -> bool:
+    """The fused Numba kernel runs when Numba is installed, unless ``USE_NUMBA`` is set to False."""
+    if USE_NUMBA is not None:
+        return USE_NUMBA
+    from .._cpu import available
+
+    return available()
+
+
 def forward(q, k, v, gamma, b, scale):
     """Blockwise chain attention on flattened inputs: q, k (B, n, d), v (B, n, dv), gamma (B,)."""
+    if use_numba():
+        return _forward_fused(q, k, v, gamma, b, scale)
+    return _forward_numpy(q, k, v, gamma, b, scale)
+
+
+def _reduced_and_combine(Y0, h, W, gamma, b, n):
+    """Solve ``(I - diag(g) W) Z = E^T Y0`` and return ``(1 - gamma) (Y0 + h * E W Z)``, (B, n, dv)."""
+    B, m = W.shape[:2]
+    dv = Y0.shape[-1]
+    dt = Y0.dtype
+    Y0 = _pad_blocks(Y0, b, m)
+    h = _pad_blocks(h[..., None], b, m)[..., 0]
+    g = h.sum(axis=-1)  # (B, m)
+    T = np.eye(m, dtype=dt) - g[..., None] * W
+    Z = solve_triangular(T, Y0.sum(axis=2), lower=True, unit_diagonal=True, check_finite=False)
+    X = Y0 + h[..., None] * (W @ Z)[:, :, None, :]
+    X *= (1 - gamma.astype(dt, copy=False)).reshape(B, 1, 1, 1)
+    return X.reshape(B, m * b, dv)[:, :n]
+
+
+def _forward_numpy(q, k, v, gamma, b, scale):
     B, n, _ = q.shape
     dv = v.shape[-1]
     dt = q.dtype
@@ -89,11 +143,28 @@ def forward(q, k, v, gamma, b, scale):
     rhs[..., :dv] += u[..., None] * (W @ vb.sum(axis=2))[:, :, None, :]
     rhs[..., dv] = g4[..., 0] * u
     M0 = np.eye(b, dtype=dt) - g4 * D
-    sol = lower_solve(M0, rhs)
-    Y0, h = sol[..., :dv], sol[..., dv]
-    g = h.sum(axis=-1)  # (B, m)
+    sol = lower_solve(M0, rhs).reshape(B, m * b, dv + 1)
+    return _reduced_and_combine(sol[..., :dv], sol[..., dv], W, gamma, b, n)
+
+
+def _forward_fused(q, k, v, gamma, b, scale):
+    from .._cpu._blockwise import combine, within_blocks
+
+    B, n, _ = q.shape
+    dv = v.shape[-1]
+    dt = q.dtype
+    c, W, sizes = pooled_scores(q, k, b, scale)
+    m = W.shape[-1]
+    pooled = W @ sizes
+    P = W @ _pad_blocks(v, b, m).sum(axis=2)
+    c = np.where(np.isfinite(c), c, 0).astype(dt)  # block 0 has no pooled part; the kernel skips it
+    X = np.empty((B, n, dv), dtype=dt)
+    h = np.empty((B, n), dtype=dt)
+    rr = np.empty((B, m, dv), dtype=dt)
+    g = np.empty((B, m), dtype=dt)
+    gamma = gamma.astype(dt)
+    within_blocks()(q, k, v, gamma, b, dt.type(scale), c, pooled, P, X, h, rr, g)
     T = np.eye(m, dtype=dt) - g[..., None] * W
-    Z = solve_triangular(T, Y0.sum(axis=2), lower=True, unit_diagonal=True, check_finite=False)
-    X = Y0 + h[..., None] * (W @ Z)[:, :, None, :]
-    X *= 1 - g4
-    return X.reshape(B, m * b, dv)[:, :n]
+    Z = solve_triangular(T, rr, lower=True, unit_diagonal=True, check_finite=False)
+    combine()(X, h, W @ Z, gamma, b)
+    return X

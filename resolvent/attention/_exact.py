@@ -24,11 +24,12 @@ TQ = 128  # query rows per tile
 TK = 1024  # keys per chunk of the streaming pass
 
 
-def row_logsumexp(q, k, scale, tq=TQ, tk=TK):
+def row_logsumexp(q, k, scale, tq=None, tk=None):
     """``log sum_{s <= t} exp(scale q_t . k_s)`` for every row t, streaming over key chunks.
 
     Shapes: q, k (B, n, d) -> (B, n).  Memory O(B tq tk).
     """
+    tq, tk = tq or TQ, tk or TK
     B, n, _ = q.shape
     out = np.empty((B, n), dtype=q.dtype)
     for i0 in range(0, n, tq):
@@ -48,8 +49,9 @@ def row_logsumexp(q, k, scale, tq=TQ, tk=TK):
     return out
 
 
-def forward(q, k, v, gamma, scale, tq=TQ, tk=TK):
+def forward(q, k, v, gamma, scale, tq=None, tk=None):
     """Exact chain attention on flattened inputs: q, k (B, n, d), v (B, n, dv), gamma (B,)."""
+    tq, tk = tq or TQ, tk or TK
     B, n, _ = q.shape
     dv = v.shape[-1]
     dt = q.dtype

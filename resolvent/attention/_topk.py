@@ -1,0 +1,262 @@
+"""Blockwise chain attention with per-token block-sparse links (SPEC 2.3, ``method="blockwise"``, ``topk>0``).
+
+Query t in block I keeps exact token-level weights to its own block (``s <= t``) and to the ``k``
+earlier blocks ``sel(t)`` whose mean key it scores highest (``scale q_t . kbar_J``, ties to the later
+block), and the pooled weight ``exp(sigma_IJ)`` (``sigma_IJ = scale qbar_I . kbar_J``) for every key of
+every other earlier block.  ``I - gamma Ahat`` is lower triangular, so block forward substitution
+solves ``(I - gamma Ahat) X = Ahat V``.  With ``Z = V + gamma X`` the right-hand side of block I only
+needs finished blocks::
+
+    X_I = (I - gamma Ahat_II)^{-1} ( Ahat_II V_I + sum_{J<I} Ahat_IJ Z_J ),     Y = (1 - gamma) X.
+
+``sum_{J<I} Ahat_IJ Z_J`` has two parts:
+
+* exact links, pushed: once block J is solved, every later row t with ``J in sel(t)`` receives
+  ``exp(S_tJ - mu_t) Z_J`` (one batched product over all those rows).  Each row keeps an online
+  log-sum-exp (running max ``mu_t``, sum ``ell_t``, accumulator ``acc_t``), rescaled when its max
+  moves, so every exponent is ``<= 0`` and the row's normaliser is complete when its block comes up;
+* the pooled residue, pulled with the running block sums ``c_J = sum_{s in B_J} Z_s``:
+  ``sum_{J<I, J not in sel(t)} exp(sigma_IJ - mu_t) c_J``, one ``(b x I) @ (I x dv)`` product per
+  block with the row's selected entries zeroed.  (Writing it as the pooled sum over all earlier
+  blocks minus the selected ones costs less but cancels catastrophically when the selected blocks
+  carry most of the pooled weight; see ``docs/topk.md``.)
+
+Costs: selection O(n m d), exact links O(n k b (d + dv)), own blocks O(n b (d + dv) + m b^3),
+pooled residue O(n m dv); memory O(n (d + dv) + n k + m^2) plus one block's work arrays.
+The Python loops run over the m blocks; batch, heads, the rows of a block and the columns of V are
+vectorised.  ``n`` need not be a multiple of ``b``: inputs are padded with zero rows, padded keys
+only ever sit in the last block (never an earlier block of anyone) and are masked by causality,
+and padded rows select nothing and are dropped at the end.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.linalg import get_blas_funcs
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    """(B, n, c) -> (B, rows, c), zero rows appended."""
+    B, n, c = x.shape
+    if rows == n:
+        return x
+    out = np.zeros((B, rows, c), dtype=x.dtype)
+    out[:, :n] = x
+    return out
+
+
+def _select(qs, kbar, b, m, n, topk):
+    """Per-token block choice.
+
+    Parameters
+    ----------
+    qs : (B, m*b, d) scaled, padded queries.
+    kbar : (B, m, d) mean keys.
+
+    Returns
+    -------
+    sel : (B, m*b, kk) int64, the selected earlier blocks of each row, ``m`` in unused slots
+        (rows of blocks with fewer than ``kk`` earlier blocks, and padded rows).
+    """
+    B = qs.shape[0]
+    kk = min(topk, m - 1)
+    sel = np.full((B, m * b, kk), m, dtype=np.int64)
+    for I in range(1, m):
+        rows = slice(I * b, (I + 1) * b)
+        if I <= kk:
+            sel[:, rows, :I] = np.arange(I)
+            continue
+        P = qs[:, rows] @ np.swapaxes(kbar[:, :I], -1, -2)  # (B, b, I)
+        # reversed so that argmax, which returns the first maximum, prefers the later block
+        Pr = P[..., ::-1].copy()
+        for j in range(kk):
+            idx = np.argmax(Pr, axis=-1)[..., None]  # (B, b, 1)
+            sel[:, rows, j] = I - 1 - idx[..., 0]
+            np.put_along_axis(Pr, idx, -np.inf, axis=-1)
+    if m * b > n:
+        sel[:, n:] = m  # padded rows take no exact links
+    return sel
+
+
+def _groups(sel, m, stride):
+    """Rows grouped by the block they selected, padded across the batch.
+
+    Returns ``(F, off, rmax)``: the rows of batch entry z that selected block J are
+    ``F[z, off[J]:off[J] + rmax[J]]``, as flat indices ``z * stride + t`` into arrays of shape
+    ``(B * stride, ...)``; padded slots point at ``z * stride + stride - 1``, a scratch row.
+    """
+    B, N, kk = sel.shape
+    keys = sel.reshape(B, N * kk)
+    tok = np.arange(N * kk, dtype=np.int64) // kk
+    order = np.argsort(keys, axis=1, kind="stable")
+    skeys = np.take_along_axis(keys, order, axis=1)
+    counts = np.bincount((keys + (m + 1) * np.arange(B)[:, None]).ravel(), minlength=B * (m + 1))
+    counts = counts.reshape(B, m + 1)
+    starts = np.cumsum(counts, axis=1) - counts  # first sorted position of each key, per z
+    rank = np.arange(N * kk)[None, :] - np.take_along_axis(starts, skeys, axis=1)
+    rmax = counts[:, :m].max(axis=0)
+    off = np.concatenate([[0], np.cumsum(rmax)])
+    base = stride * np.arange(B, dtype=np.int64)[:, None]
+    F = np.broadcast_to(base + (stride - 1), (B, int(off[-1]))).copy()
+    valid = skeys < m
+    zi = np.broadcast_to(np.arange(B)[:, None], skeys.shape)[valid]
+    F[zi, off[skeys[valid]] + rank[valid]] = tok[order[valid]] + stride * zi
+    return F, off, rmax
+
+
+def _setup(q, k, b, topk, scale):
+    """Shared by :func:`forward` and :func:`kept_mass`: padded, scaled queries, block means and groups."""
+    B, n, d = q.shape
+    m = -(-n // b)
+    N = m * b
+    dt = q.dtype
+    qs = _pad_rows(q * dt.type(scale), N + 1)  # one extra zero row: the target of padded group slots
+    kp = _pad_rows(k, N)
+    sizes = np.full(m, b, dtype=dt)
+    sizes[-1] = n - (m - 1) * b
+    kb = kp.reshape(B, m, b, d)
+    kbar = kb.sum(axis=2) / sizes[:, None]
+    sel = _select(qs[:, :N], kbar, b, m, n, topk)
+    F, off, rmax = _groups(sel, m, stride=N + 1)
+    return qs, kb, kbar, sizes, sel, F, off, rmax
+
+
+def _lower_solver(dt, B):
+    """A solver for stacks of lower-triangular blocks ``M X = R``: (B, b, b), (B, b, c) -> (B, b, c).
+
+    BLAS ``trsm`` per batch entry: on (8, 64, 64) blocks with 64 columns it takes 0.12 ms against
+    1.2 ms for ``numpy.linalg.solve`` (an LU per block, single-threaded OpenBLAS, this CPU); for a
+    large batch of small blocks the one gufunc call of ``numpy.linalg.solve`` wins.
+    """
+    if B > 64:
+        return np.linalg.solve
+    trsm = get_blas_funcs("trsm", dtype=dt)
+
+    def solve(M, R):
+        out = np.empty_like(R)
+        for z in range(M.shape[0]):
+            # X^T M^T = R^T: row-major (b, c) blocks are Fortran-ordered transposes, no copies
+            out[z] = trsm(1.0, M[z].T, R[z].T, side=1, lower=0).T
+        return out
+
+    return solve
+
+
+def forward(q, k, v, gamma, b, topk, scale):
+    """Chain attention on the SPEC 2.3 matrix: q, k (B, n, d), v (B, n, dv), gamma (B,) -> (B, n, dv).
+
+    ``b`` is the block size (``1 <= b <= n``), ``topk >= 1``.  Computes in the dtype of ``q``.
+    """
+    B, n, d = q.shape
+    dv = v.shape[-1]
+    dt = q.dtype
+    qs, kb, kbar, sizes, sel, F, off, rmax = _setup(q, k, b, topk, scale)
+    m = kb.shape[1]
+    N = m * b
+    vb = _pad_rows(v, N).reshape(B, m, b, dv)
+    qb = qs[:, :N].reshape(B, m, b, d)
+    qs_f = qs.reshape(B * (N + 1), d)
+    # pooled scores sigma_IJ from the mean queries (scale already in qs)
+    qbar = qb.sum(axis=2) / sizes[:, None]
+    sigma = qbar @ np.swapaxes(kbar, -1, -2)  # (B, m, m); only J < I is used
+    g = gamma.astype(dt, copy=False).reshape(B, 1, 1)
+    kk = sel.shape[-1]
+    lower_solve = _lower_solver(dt, B)
+
+    # per-row online log-sum-exp state (running max mu, sum ell, accumulator acc of
+    # sum_s w_ts Z_s), flat over (batch, row); row N of each batch entry is scratch
+    mu = np.full((B, N + 1), -np.inf, dtype=dt)
+    ell = np.zeros((B, N + 1), dtype=dt)
+    acc = np.zeros((B, N + 1, dv), dtype=dt)
+    mu_f, ell_f, acc_f = mu.reshape(-1), ell.reshape(-1), acc.reshape(-1, dv)
+    cZ = np.empty((B, m, dv), dtype=dt)  # block sums of Z = V + gamma X
+    Y = np.empty((B, N, dv), dtype=dt)
+    tri = np.tri(b, dtype=bool)
+    eye = np.eye(b, dtype=dt)
+    for I in range(m):
+        rows = slice(I * b, (I + 1) * b)
+        # own block, causal inside
+        S = qb[:, I] @ np.swapaxes(kb[:, I], -1, -2)  # (B, b, b)
+        S[:, ~tri] = -np.inf
+        mu_new = np.maximum(mu[:, rows], S.max(axis=-1))  # finite: the diagonal is there
+        pooled = I > kk
+        if pooled:
+            # the pooled residue: earlier blocks the row did not select (column I absorbs unused slots)
+            Wt = np.empty((B, b, I + 1), dtype=dt)
+            Wt[..., :I] = sigma[:, I, None, :I]
+            np.put_along_axis(Wt, np.minimum(sel[:, rows], I), -np.inf, axis=-1)
+            Wt = Wt[..., :I]
+            np.maximum(mu_new, Wt.max(axis=-1), out=mu_new)
+            Wt -= mu_new[..., None]
+            np.exp(Wt, out=Wt)
+        alpha = np.exp(mu[:, rows] - mu_new)  # 0 where the row had nothing yet
+        ell_I = ell[:, rows] * alpha
+        acc_I = acc[:, rows] * alpha[..., None]
+        if pooled:
+            ell_I += Wt.sum(axis=-1) * b  # earlier blocks are full
+            acc_I += Wt @ cZ[:, :I]
+        S -= mu_new[..., None]
+        np.exp(S, out=S)
+        ell_I += S.sum(axis=-1)
+        inv = 1.0 / ell_I[..., None]
+        acc_I += S @ vb[:, I]
+        acc_I *= inv  # = (Ahat V)_I + gamma sum_{J<I} Ahat_IJ X_J
+        S *= inv  # Ahat_II
+        X = lower_solve(eye - g * S, acc_I)
+        Y[:, rows] = X
+        if I == m - 1:
+            break
+        Z = vb[:, I] + g * X
+        cZ[:, I] = Z.sum(axis=1)
+        # push block I's exact links to the later rows that selected it
+        R = rmax[I]
+        if R == 0:
+            continue
+        idx = F[:, off[I] : off[I] + R]  # (B, R) flat row indices
+        Sg = np.take(qs_f, idx, axis=0) @ np.swapaxes(kb[:, I], -1, -2)  # (B, R, b)
+        mu_g = mu_f[idx]
+        mu_n = np.maximum(mu_g, Sg.max(axis=-1))
+        a = np.exp(mu_g - mu_n)
+        Sg -= mu_n[..., None]
+        np.exp(Sg, out=Sg)
+        ell_f[idx] = ell_f[idx] * a + Sg.sum(axis=-1)
+        acc_g = np.take(acc_f, idx, axis=0)
+        acc_g *= a[..., None]
+        acc_g += Sg @ Z
+        acc_f[idx] = acc_g
+        mu_f[idx] = mu_n
+    Y *= 1 - g
+    return Y[:, :n]
+
+
+def kept_mass(q, k, b, topk, scale, lse):
+    """Dense attention mass on the exact part of ``Ahat`` (own block ``s <= t`` plus selected blocks).
+
+    q, k (B, n, d), lse (B, n) the dense row log-sum-exp (``log sum_{s<=t} exp(scale q_t . k_s)``).
+    Returns (B, n) float64.
+    """
+    q = np.asarray(q, dtype=np.float64)
+    k = np.asarray(k, dtype=np.float64)
+    B, n, d = q.shape
+    qs, kb, _, _, _, F, off, rmax = _setup(q, k, b, topk, scale)
+    m = kb.shape[1]
+    N = m * b
+    lse_p = np.zeros((B, N + 1), dtype=np.float64)
+    lse_p[:, :n] = lse
+    kept = np.zeros((B, N + 1), dtype=np.float64)
+    qs_f, lse_f, kept_f = qs.reshape(B * (N + 1), d), lse_p.reshape(-1), kept.reshape(-1)
+    qb = qs[:, :N].reshape(B, m, b, d)
+    tri = np.tri(b, dtype=bool)
+    for I in range(m):
+        rows = slice(I * b, (I + 1) * b)
+        S = qb[:, I] @ np.swapaxes(kb[:, I], -1, -2)
+        S[:, ~tri] = -np.inf
+        kept[:, rows] += np.exp(S - lse_p[:, rows, None]).sum(axis=-1)
+        R = rmax[I]
+        if I == m - 1 or R == 0:
+            continue
+        idx = F[:, off[I] : off[I] + R]
+        Sg = np.take(qs_f, idx, axis=0) @ np.swapaxes(kb[:, I], -1, -2)
+        # rows are unique within a group; only the scratch row repeats, and it is dropped
+        kept_f[idx] = kept_f[idx] + np.exp(Sg - lse_f[idx][..., None]).sum(axis=-1)
+    return kept[:, :n]
