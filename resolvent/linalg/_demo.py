@@ -48,8 +48,9 @@ def iteration_table(n: int, block_size: int, *, seed: int = 0, maxiter: int = 20
                     tol: float = 1e-10):
     """Iterations of block_jacobi and two_level on NCD matrices, for every (eps, z) pair.
 
-    Returns a list of rows ``(eps, z, info_block_jacobi, info_two_level)``; a run that did not
-    converge within ``maxiter`` has ``info.converged == False`` (nothing is raised).
+    Returns a list of rows ``(eps, z, info_block_jacobi, info_two_level, seconds_block_jacobi,
+    seconds_two_level)``; a run that did not converge within ``maxiter`` has
+    ``info.converged == False`` (nothing is raised).
     """
     rng = np.random.default_rng(seed)
     rows = []
@@ -57,12 +58,14 @@ def iteration_table(n: int, block_size: int, *, seed: int = 0, maxiter: int = 20
         A = ncd_matrix(n, block_size, eps, rng)
         B = rng.standard_normal(n)
         for z in SHIFTS:
-            infos = [
-                solve(A, B, z=z, method=m, block_size=block_size, tol=tol, maxiter=maxiter,
-                      return_info=True)[1]
-                for m in ("block_jacobi", "two_level")
-            ]
-            rows.append((eps, z, *infos))
+            infos, times = [], []
+            for m in ("block_jacobi", "two_level"):
+                t0 = time.perf_counter()
+                _, info = solve(A, B, z=z, method=m, block_size=block_size, tol=tol,
+                                maxiter=maxiter, return_info=True)
+                times.append(time.perf_counter() - t0)
+                infos.append(info)
+            rows.append((eps, z, *infos, *times))
     return rows
 
 
@@ -70,9 +73,13 @@ def _count(info: SolveInfo) -> str:
     return f"{info.iterations}" if info.converged else f">{info.iterations} (not converged, res {info.residual:.1e})"
 
 
-def format_iteration_table(rows, *, markdown: bool = False) -> str:
-    head = ("eps", "z", "block_jacobi iters", "two_level iters")
-    body = [(f"{eps:g}", f"{z:g}", _count(bj), _count(tl)) for eps, z, bj, tl in rows]
+def format_iteration_table(rows, *, markdown: bool = False, times: bool = False) -> str:
+    head = ["eps", "z", "block_jacobi iters", "two_level iters"]
+    body = [[f"{r[0]:g}", f"{r[1]:g}", _count(r[2]), _count(r[3])] for r in rows]
+    if times:
+        head += ["block_jacobi time", "two_level time"]
+        for line, r in zip(body, rows):
+            line += [f"{r[4] * 1e3:.1f} ms", f"{r[5] * 1e3:.1f} ms"]
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" for _ in head) + "|"]
         lines += ["| " + " | ".join(r) + " |" for r in body]
