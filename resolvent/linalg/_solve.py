@@ -364,6 +364,7 @@ def solve_shifts(A, B, zs, *, lower=False, check_finite=True):
             T, Y, Q = np.tril(A).astype(cdtype), B3.astype(cdtype), None
         else:
             T, Q = sla.schur(A.astype(cdtype), output="complex", check_finite=False)
+            T = np.triu(T)  # LAPACK leaves zeros below the diagonal; make it a guarantee
             Y = np.swapaxes(Q.conj(), -1, -2) @ B3
             # The computed eigenvalues diag(T) are exact for some A + dA, ||dA|| ~ n eps ||A||
             # (the Schur form's backward error): a shift closer than that to one of them cannot be
