@@ -6,7 +6,7 @@ Importing ``resolvent`` touches no device, compiles nothing and imports neither 
 
 from ._errors import ConvergenceError, SolveInfo
 from ._version import __version__
-from .attention._api import block_mass, chain, chain_attention, default_block_size
+from .attention._api import block_mass, chain, chain_attention, chain_attention_vjp, default_block_size
 from .linalg._solve import solve, solve_shifts
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "block_mass",
     "chain",
     "chain_attention",
+    "chain_attention_vjp",
     "default_block_size",
     "solve",
     "solve_shifts",

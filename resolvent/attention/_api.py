@@ -10,7 +10,7 @@ import numpy as np
 from .._validate import as_inexact, check_choice, check_finite_array, check_gamma, check_positive_int
 from . import _blockwise, _dense, _exact
 
-__all__ = ["chain", "chain_attention", "default_block_size", "block_mass"]
+__all__ = ["chain", "chain_attention", "chain_attention_vjp", "default_block_size", "block_mass"]
 
 METHODS = ("dense", "exact", "blockwise")
 
@@ -194,6 +194,97 @@ def chain_attention(q, k, v, gamma=0.9, *, method="blockwise", block_size=None, 
         else:
             y = _blockwise.forward(qf, kf, vf, g, b, scale)
     return y.reshape(batch + y.shape[-2:]).astype(out_dt, copy=False)
+
+
+def _unbroadcast(grad: np.ndarray, shape: tuple) -> np.ndarray:
+    """Sum ``grad`` over the dimensions that broadcasting added to an input of ``shape``."""
+    extra = grad.ndim - len(shape)
+    if extra:
+        grad = grad.sum(axis=tuple(range(extra)))
+    axes = tuple(i for i, (s, g) in enumerate(zip(shape, grad.shape)) if s == 1 and g != 1)
+    if axes:
+        grad = grad.sum(axis=axes, keepdims=True)
+    return grad.reshape(shape)
+
+
+def chain_attention_vjp(q, k, v, gamma, dy, *, method="blockwise", block_size=None, topk=0, scale=None,
+                        return_dgamma=False):
+    r"""Vector-Jacobian product of :func:`chain_attention`: the gradients of ``sum(dy * Y)``.
+
+    Parameters
+    ----------
+    q, k, v, gamma, method, block_size, topk, scale
+        As for :func:`chain_attention`.
+    dy : array_like, shape (..., n, dv)
+        Cotangent of the output ``Y`` (its broadcast batch shape).
+    return_dgamma : bool, optional
+        Also return the gradient with respect to ``gamma``.
+
+    Returns
+    -------
+    dq, dk, dv : ndarray
+        Shaped like ``q``, ``k``, ``v`` (summed over dimensions that broadcasting added).
+    dgamma : ndarray, optional
+        Shaped like ``gamma``; only with ``return_dgamma=True``.
+
+    Raises
+    ------
+    ValueError
+        As :func:`chain_attention`, and when ``dy`` does not have the output's shape.
+
+    Notes
+    -----
+    With ``X = (I - gamma A)^{-1} A V``, ``Y = (1 - gamma) X`` and ``G = (I - gamma A)^{-T} (1 - gamma) dY``:
+    ``dV = A^T G``, ``dA = G (V + gamma X)^T`` restricted to the entries of ``A`` (then through the
+    softmax), ``dgamma = -<dY, X> + <G, A X>``.  ``blockwise`` solves the transposed, upper-triangular
+    reduced system and keeps the forward's cost, O(n b d + m^2 d); ``exact`` streams column strips of
+    ``A`` with O(n d) memory.  The derivation is in ``docs/chain_attention.md``.
+
+    Examples
+    --------
+    >>> import numpy as np, resolvent
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 32, 4))
+    >>> dq, dk, dv = resolvent.chain_attention_vjp(q, k, v, 0.5, np.ones((32, 4)))
+    >>> dv.shape
+    (32, 4)
+    """
+    check_choice(method, "method", METHODS)
+    block_size = check_positive_int(block_size, "block_size")
+    topk = _check_topk(topk)
+    if topk and method != "blockwise":
+        raise ValueError(f"topk applies to method='blockwise' only, got method={method!r} with topk={topk}")
+    shapes = [np.shape(x) for x in (q, k, v)]
+    gamma_shape = np.shape(gamma)
+    qf, kf, vf, batch, dt, out_dt = prepare_qkv(q, k, v)
+    B, n, d = qf.shape
+    dvdim = vf.shape[-1]
+    scale = _check_scale(scale, d)
+    g = np.ascontiguousarray(check_gamma(gamma, batch, dt)).reshape(-1)
+    dyf = as_inexact(dy, "dy", min_ndim=2)
+    if dyf.shape != batch + (n, dvdim):
+        raise ValueError(f"dy must have the output's shape {batch + (n, dvdim)}, got {dyf.shape}")
+    check_finite_array(dyf, "dy")
+    dyf = np.ascontiguousarray(dyf.reshape(B, n, dvdim), dtype=dt)
+    if method == "dense":
+        grads = _dense.backward(qf, kf, vf, g, scale, dyf)
+    elif method == "exact":
+        grads = _exact.backward(qf, kf, vf, g, scale, dyf)
+    else:
+        b = min(block_size or default_block_size(n, topk=topk), n)
+        if topk:
+            from . import _topk
+
+            grads = _topk.backward(qf, kf, vf, g, b, topk, scale, dyf)
+        else:
+            grads = _blockwise.backward(qf, kf, vf, g, b, scale, dyf)
+    dq, dk, dvv, dg = grads
+    out = [
+        _unbroadcast(x.reshape(batch + x.shape[-2:]), shp).astype(out_dt, copy=False)
+        for x, shp in zip((dq, dk, dvv), shapes)
+    ]
+    if return_dgamma:
+        out.append(_unbroadcast(dg.reshape(batch), gamma_shape).astype(dt, copy=False))
+    return tuple(out)
 
 
 def block_mass(q, k, block_size, scale=None, *, topk=0):

@@ -34,3 +34,26 @@ def forward(q, k, v, gamma, scale):
     """Dense chain attention on flattened inputs: q, k (B, n, d), v (B, n, dv), gamma (B,)."""
     A = causal_attention(q, k, scale)
     return chain_lower(A, A @ v, gamma)
+
+
+def backward(q, k, v, gamma, scale, dy):
+    """Vector-Jacobian product of :func:`forward`: ``(dq, dk, dv, dgamma)``, dgamma of shape (B,).
+
+    With ``X = (I - gamma A)^{-1} A V`` and ``Y = (1 - gamma) X``, ``G = (I - gamma A)^{-T} dX``
+    (``dX = (1 - gamma) dY``) gives ``dV = A^T G``, ``dA = G (V + gamma X)^T``, and the softmax
+    backward ``dS = A * (dA - delta)`` with ``delta_t = sum_s A_ts dA_ts = G_t . X_t`` (because
+    ``A (V + gamma X) = X``); ``dgamma = -<dY, X> + <G, A X>``.
+    """
+    n = q.shape[-2]
+    g = gamma.reshape(-1, 1, 1).astype(q.dtype, copy=False)
+    A = causal_attention(q, k, scale)
+    M = np.eye(n, dtype=A.dtype) - g * A
+    X = solve_triangular(M, A @ v, lower=True, check_finite=False)
+    G = solve_triangular(M, (1 - g) * dy, lower=True, trans="T", check_finite=False)
+    delta = np.einsum("bij,bij->bi", G, X)[..., None]
+    dS = A * (G @ np.swapaxes(v + g * X, -1, -2) - delta)
+    dq = scale * (dS @ k)
+    dk = scale * (np.swapaxes(dS, -1, -2) @ q)
+    dv = np.swapaxes(A, -1, -2) @ G
+    dgamma = -np.einsum("bij,bij->b", dy, X) + np.einsum("bij,bij->b", G, A @ X)
+    return dq, dk, dv, dgamma
