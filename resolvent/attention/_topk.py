@@ -45,7 +45,7 @@ def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
     return out
 
 
-def _select(qs, kbar, b, m, n, topk):
+def _select(qs, kbar, b, m, n, topk, chunk_elems=1 << 21):
     """Per-token block choice.
 
     Parameters
@@ -55,25 +55,30 @@ def _select(qs, kbar, b, m, n, topk):
 
     Returns
     -------
-    sel : (B, m*b, kk) int64, the selected earlier blocks of each row, ``m`` in unused slots
-        (rows of blocks with fewer than ``kk`` earlier blocks, and padded rows).
+    sel : (B, m*b, kk) int64 with ``kk = min(topk, m - 1)``: the blocks each row selected among
+        the earlier ones, by decreasing score ``qs_t . kbar_J``, ties to the later block; ``m``
+        in unused slots (rows of blocks with fewer than ``kk`` earlier blocks, padded rows).
     """
-    B = qs.shape[0]
+    B, N, _ = qs.shape
     kk = min(topk, m - 1)
-    sel = np.full((B, m * b, kk), m, dtype=np.int64)
-    for I in range(1, m):
-        rows = slice(I * b, (I + 1) * b)
-        if I <= kk:
-            sel[:, rows, :I] = np.arange(I)
-            continue
-        P = qs[:, rows] @ np.swapaxes(kbar[:, :I], -1, -2)  # (B, b, I)
-        # reversed so that argmax, which returns the first maximum, prefers the later block
-        Pr = P[..., ::-1].copy()
+    sel = np.full((B, N, kk), m, dtype=np.int64)
+    # candidate columns reversed (column c is block m - 1 - c), so that argmax, which returns
+    # the first maximum, prefers the later block; a block is a candidate for rows of later blocks
+    kbar_r = np.ascontiguousarray(kbar[:, ::-1])
+    later = np.arange(m - 1, -1, -1)[None, :] >= (np.arange(N) // b)[:, None]  # (N, m): J >= I
+    rows_per = max(b, (chunk_elems // (B * m)) // b * b)
+    for r0 in range(b, N, rows_per):  # block 0 has no earlier block
+        r1 = min(N, r0 + rows_per)
+        P = qs[:, r0:r1] @ np.swapaxes(kbar_r, -1, -2)  # (B, R, m)
+        np.copyto(P, -np.inf, where=later[None, r0:r1])
+        flat = P.reshape(-1, m)
+        base = np.arange(flat.shape[0]) * m
         for j in range(kk):
-            idx = np.argmax(Pr, axis=-1)[..., None]  # (B, b, 1)
-            sel[:, rows, j] = I - 1 - idx[..., 0]
-            np.put_along_axis(Pr, idx, -np.inf, axis=-1)
-    if m * b > n:
+            c = np.argmax(flat, axis=-1)
+            picked = flat.reshape(-1)[base + c]
+            sel[:, r0:r1, j] = np.where(picked > -np.inf, m - 1 - c, m).reshape(B, r1 - r0)
+            flat.reshape(-1)[base + c] = -np.inf
+    if N > n:
         sel[:, n:] = m  # padded rows take no exact links
     return sel
 
@@ -110,7 +115,8 @@ def _setup(q, k, b, topk, scale):
     m = -(-n // b)
     N = m * b
     dt = q.dtype
-    qs = _pad_rows(q * dt.type(scale), N + 1)  # one extra zero row: the target of padded group slots
+    qs = np.zeros((B, N + 1, d), dtype=dt)  # one extra zero row: the target of padded group slots
+    np.multiply(q, dt.type(scale), out=qs[:, :n])
     kp = _pad_rows(k, N)
     sizes = np.full(m, b, dtype=dt)
     sizes[-1] = n - (m - 1) * b
@@ -163,35 +169,38 @@ def forward(q, k, v, gamma, b, topk, scale):
     kk = sel.shape[-1]
     lower_solve = _lower_solver(dt, B)
 
-    # per-row online log-sum-exp state (running max mu, sum ell, accumulator acc of
-    # sum_s w_ts Z_s), flat over (batch, row); row N of each batch entry is scratch
-    mu = np.full((B, N + 1), -np.inf, dtype=dt)
-    ell = np.zeros((B, N + 1), dtype=dt)
-    acc = np.zeros((B, N + 1, dv), dtype=dt)
-    mu_f, ell_f, acc_f = mu.reshape(-1), ell.reshape(-1), acc.reshape(-1, dv)
+    # per-row online log-sum-exp state, flat over (batch, row), row N of each batch entry scratch:
+    # columns [acc (dv) | ell | mu]: acc = sum_s exp(w_ts - mu_t) Z_s, ell = sum_s exp(w_ts - mu_t)
+    # over the exact links received so far, mu the running max (one array: one gather, one scatter)
+    st = np.zeros((B, N + 1, dv + 2), dtype=dt)
+    st[..., dv + 1] = -np.inf
+    st_f = st.reshape(-1, dv + 2)
     cZ = np.empty((B, m, dv), dtype=dt)  # block sums of Z = V + gamma X
     Y = np.empty((B, N, dv), dtype=dt)
-    tri = np.tri(b, dtype=bool)
+    causal = np.where(np.tri(b, dtype=bool), 0.0, -np.inf).astype(dt)
     eye = np.eye(b, dtype=dt)
+    # flat positions of each row's selected entries in a (B, b, I + 1) buffer (column I: unused slots)
+    rowbase = np.arange(B * b, dtype=np.int64).reshape(B, b, 1)
     for I in range(m):
         rows = slice(I * b, (I + 1) * b)
         # own block, causal inside
         S = qb[:, I] @ np.swapaxes(kb[:, I], -1, -2)  # (B, b, b)
-        S[:, ~tri] = -np.inf
-        mu_new = np.maximum(mu[:, rows], S.max(axis=-1))  # finite: the diagonal is there
+        S += causal
+        mu_old = st[:, rows, dv + 1]
+        mu_new = np.maximum(mu_old, S.max(axis=-1))  # finite: the diagonal is there
         pooled = I > kk
         if pooled:
-            # the pooled residue: earlier blocks the row did not select (column I absorbs unused slots)
+            # the pooled residue: the earlier blocks the row did not select
             Wt = np.empty((B, b, I + 1), dtype=dt)
             Wt[..., :I] = sigma[:, I, None, :I]
-            np.put_along_axis(Wt, np.minimum(sel[:, rows], I), -np.inf, axis=-1)
+            Wt.reshape(-1)[rowbase * (I + 1) + np.minimum(sel[:, rows], I)] = -np.inf
             Wt = Wt[..., :I]
             np.maximum(mu_new, Wt.max(axis=-1), out=mu_new)
             Wt -= mu_new[..., None]
             np.exp(Wt, out=Wt)
-        alpha = np.exp(mu[:, rows] - mu_new)  # 0 where the row had nothing yet
-        ell_I = ell[:, rows] * alpha
-        acc_I = acc[:, rows] * alpha[..., None]
+        alpha = np.exp(mu_old - mu_new)  # 0 where the row had nothing yet
+        ell_I = st[:, rows, dv] * alpha
+        acc_I = st[:, rows, :dv] * alpha[..., None]
         if pooled:
             ell_I += Wt.sum(axis=-1) * b  # earlier blocks are full
             acc_I += Wt @ cZ[:, :I]
@@ -201,12 +210,15 @@ def forward(q, k, v, gamma, b, topk, scale):
         inv = 1.0 / ell_I[..., None]
         acc_I += S @ vb[:, I]
         acc_I *= inv  # = (Ahat V)_I + gamma sum_{J<I} Ahat_IJ X_J
-        S *= inv  # Ahat_II
-        X = lower_solve(eye - g * S, acc_I)
+        S *= -g * inv  # -gamma Ahat_II
+        S += eye
+        X = lower_solve(S, acc_I)
         Y[:, rows] = X
         if I == m - 1:
             break
-        Z = vb[:, I] + g * X
+        Z = X
+        Z *= g
+        Z += vb[:, I]  # Z = V + gamma X
         cZ[:, I] = Z.sum(axis=1)
         # push block I's exact links to the later rows that selected it
         R = rmax[I]
@@ -214,17 +226,17 @@ def forward(q, k, v, gamma, b, topk, scale):
             continue
         idx = F[:, off[I] : off[I] + R]  # (B, R) flat row indices
         Sg = np.take(qs_f, idx, axis=0) @ np.swapaxes(kb[:, I], -1, -2)  # (B, R, b)
-        mu_g = mu_f[idx]
+        sg = np.take(st_f, idx, axis=0)  # (B, R, dv + 2)
+        mu_g = sg[..., dv + 1]
         mu_n = np.maximum(mu_g, Sg.max(axis=-1))
         a = np.exp(mu_g - mu_n)
         Sg -= mu_n[..., None]
         np.exp(Sg, out=Sg)
-        ell_f[idx] = ell_f[idx] * a + Sg.sum(axis=-1)
-        acc_g = np.take(acc_f, idx, axis=0)
-        acc_g *= a[..., None]
-        acc_g += Sg @ Z
-        acc_f[idx] = acc_g
-        mu_f[idx] = mu_n
+        sg[..., : dv + 1] *= a[..., None]
+        sg[..., dv] += Sg.sum(axis=-1)
+        sg[..., :dv] += Sg @ Z
+        sg[..., dv + 1] = mu_n
+        st_f[idx] = sg
     Y *= 1 - g
     return Y[:, :n]
 

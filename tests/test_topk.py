@@ -1,0 +1,287 @@
+"""Block-sparse links (SPEC 2.3, ``method="blockwise"``, ``topk > 0``) against float64 references.
+
+The references (``tests/reference.py``) build ``Ahat`` entry by entry and apply the chain operator
+with an explicit inverse; the library never forms ``Ahat``.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import resolvent
+from resolvent.attention import _topk
+
+from reference import ahat, chain_reference, dense_attention
+
+
+def rel(a, b, v=None):
+    """``||a - b|| / ||b||``, the denominator kept at least ``1e-3 ||v||`` (rows of Y average rows of v)."""
+    diff = np.linalg.norm(np.asarray(a, np.float64) - b)
+    denom = max(np.linalg.norm(b), 0.0 if v is None else 1e-3 * np.linalg.norm(v))
+    return diff / denom if denom > 0 else diff
+
+
+def chain_topk(q, k, v, gamma, b, topk, **kw):
+    return resolvent.chain_attention(q, k, v, gamma, method="blockwise", block_size=b, topk=topk, **kw)
+
+
+def brute_selection(q, k, b, topk, scale=None):
+    """sel[t] for one head: the topk earlier blocks by ``scale q_t . kbar_J``, ties to the later block."""
+    n, d = q.shape
+    scale = 1.0 / np.sqrt(d) if scale is None else scale
+    m = -(-n // b)
+    kbar = [k[J * b : (J + 1) * b].mean(axis=0) for J in range(m)]
+    out = []
+    for t in range(n):
+        cand = range(t // b)
+        out.append(set(sorted(cand, key=lambda J: (scale * q[t] @ kbar[J], J), reverse=True)[:topk]))
+    return out
+
+
+def selection(q, k, b, topk, scale=None):
+    """The library's choice for one head: (n, min(topk, m - 1)) block indices."""
+    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+    sel = _topk._setup(q[None], k[None], b, topk, scale)[4]
+    return sel[0, : q.shape[0]]
+
+
+def per_block_choice_ahat(q, k, b, topk):
+    """The variant SPEC 2.3 rejects: blocks chosen once per query block (by the mean query)."""
+    n, d = q.shape
+    scale = 1.0 / np.sqrt(d)
+    m = -(-n // b)
+    qbar = np.array([q[J * b : (J + 1) * b].mean(axis=0) for J in range(m)])
+    kbar = np.array([k[J * b : (J + 1) * b].mean(axis=0) for J in range(m)])
+    A = np.zeros((n, n))
+    for t in range(n):
+        I = t // b
+        chosen = sorted(range(I), key=lambda J: (qbar[I] @ kbar[J], J), reverse=True)[:topk]
+        logw = np.full(n, -np.inf)
+        logw[I * b : t + 1] = scale * k[I * b : t + 1] @ q[t]
+        for J in range(I):
+            sl = slice(J * b, (J + 1) * b)
+            logw[sl] = scale * k[sl] @ q[t] if J in chosen else scale * qbar[I] @ kbar[J]
+        w = np.exp(logw - logw.max())
+        A[t] = w / w.sum()
+    return A
+
+
+# --- against the explicit float64 construction ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "n, b, topk",
+    [(16, 4, 1), (19, 4, 2), (23, 5, 1), (30, 7, 3), (40, 6, 2), (33, 8, 2), (48, 8, 4), (29, 1, 2), (21, 3, 6)],
+)
+def test_equals_explicit_ahat(rng, n, b, topk):
+    q, k = 1.5 * rng.standard_normal((2, 2, n, 5))
+    v = rng.standard_normal((2, n, 3))
+    gamma = np.array([0.9, 0.5])
+    y = chain_topk(q, k, v, gamma, b, topk)
+    ref = chain_reference(ahat(q, k, b, topk), v, gamma)
+    assert y.shape == (2, n, 3)
+    assert rel(y, ref, v) < 1e-10
+
+
+def test_explicit_scale(rng):
+    q, k, v = rng.standard_normal((3, 1, 26, 4))
+    y = chain_topk(q, k, v, 0.8, 6, 2, scale=0.9)
+    assert rel(y, chain_reference(ahat(q, k, 6, 2, scale=0.9), v, 0.8), v) < 1e-10
+
+
+@pytest.mark.parametrize("n, b", [(24, 4), (25, 6), (17, 17), (9, 1)])
+def test_topk_at_least_m_minus_1_is_dense(rng, n, b):
+    q, k, v = 2.0 * rng.standard_normal((3, 2, n, 4))
+    m = -(-n // b)
+    dense = resolvent.chain_attention(q, k, v, 0.9, method="dense")
+    for topk in {max(m - 1, 1), m + 3}:
+        assert rel(chain_topk(q, k, v, 0.9, b, topk), dense, v) < 1e-10
+
+
+@pytest.mark.parametrize("n, b", [(24, 4), (27, 5)])
+def test_topk_zero_is_pooled(rng, n, b):
+    """The public topk=0 path (SPEC 2.2) and this module run with no links build the same operator."""
+    q, k, v = rng.standard_normal((3, 2, n, 4))
+    g = np.array([0.9, 0.3])
+    pooled = chain_topk(q, k, v, g, b, 0)
+    assert rel(pooled, chain_reference(ahat(q, k, b, 0), v, g), v) < 1e-10
+    no_links = _topk.forward(q, k, v, g, b, 0, 0.5)
+    assert rel(no_links, pooled, v) < 1e-10
+
+
+# --- the per-token choice -------------------------------------------------------------------------
+
+
+def two_choice_problem():
+    """Block 0 keys point along e0, block 1 along e1; in block 2 token 4 looks along e0, token 5 along e1."""
+    k = np.zeros((6, 2))
+    k[0:2, 0] = 1.0
+    k[2:4, 1] = 1.0
+    k[4:6] = [[0.5, 0.5], [-1.0, 0.25]]
+    q = np.zeros((6, 2))
+    q[:4] = [[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [1.0, 1.0]]
+    q[4] = [3.0, 0.0]
+    q[5] = [0.0, 2.0]
+    v = np.arange(12.0).reshape(6, 2)
+    return q, k, v
+
+
+def test_tokens_of_one_block_choose_different_blocks():
+    q, k, v = two_choice_problem()
+    sel = selection(q, k, 2, 1)
+    assert sel[4, 0] == 0 and sel[5, 0] == 1
+    assert brute_selection(q, k, 2, 1)[4:] == [{0}, {1}]
+    y = chain_topk(q, k, v, 0.7, 2, 1)
+    ref = chain_reference(ahat(q, k, 2, 1), v, 0.7)
+    assert rel(y, ref, v) < 1e-10
+    # choosing once per query block gives another operator: the two rows cannot both be right
+    other = chain_reference(per_block_choice_ahat(q, k, 2, 1), v, 0.7)
+    assert np.abs(other[4:] - y[4:]).max() > 1e-3
+
+
+def test_ties_go_to_the_later_block():
+    """Blocks 0, 1, 2 have the same mean key (exactly, in binary); block 3 must take 2, then 1."""
+    k = np.array([[1, 0], [-1, 2], [0, 1], [0, 1], [2, 1], [-2, 1], [1, 1], [1, 1]], float)
+    q = np.array([[1, 1], [0, 1], [1, 0], [1, 1], [2, 0], [0, 2], [1, 2], [2, 1]], float)
+    v = np.arange(16.0).reshape(8, 2)
+    for topk, want in [(1, [{2}, {2}]), (2, [{2, 1}, {2, 1}])]:
+        assert brute_selection(q, k, 2, topk)[6:] == want
+        assert [set(s) for s in selection(q, k, 2, topk, scale=0.5)[6:].tolist()] == want
+        y = chain_topk(q, k, v, 0.6, 2, topk, scale=0.5)
+        assert rel(y, chain_reference(ahat(q, k, 2, topk, scale=0.5), v, 0.6), v) < 1e-10
+
+
+# --- structure: constants, heads, batches, precision ------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 0.95])
+def test_constants_are_preserved(rng, dtype, gamma):
+    q, k = rng.standard_normal((2, 2, 45, 6)).astype(dtype)
+    y = chain_topk(q, k, np.ones((2, 45, 3), dtype), gamma, 8, 2)
+    assert y.dtype == dtype
+    np.testing.assert_allclose(y, 1.0, rtol=0, atol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+def test_batch_equals_loop_and_per_head_gamma(rng):
+    q, k, v = rng.standard_normal((3, 2, 3, 30, 4))
+    gamma = np.array([0.2, 0.6, 0.95])  # one per head, broadcast over the batch
+    y = chain_topk(q, k, v, gamma, 6, 2)
+    assert y.shape == (2, 3, 30, 4)
+    for i in range(2):
+        for h in range(3):
+            yl = chain_topk(q[i, h], k[i, h], v[i, h], gamma[h], 6, 2)
+            np.testing.assert_allclose(y[i, h], yl, rtol=1e-12, atol=1e-12)
+    assert rel(y[0, 1], chain_reference(ahat(q[0, 1], k[0, 1], 6, 2), v[0, 1], 0.6), v[0, 1]) < 1e-10
+
+
+@pytest.mark.parametrize("n, b, topk", [(48, 8, 2), (45, 7, 1), (40, 4, 4)])
+def test_float32_close_to_float64(rng, n, b, topk):
+    q, k, v = rng.standard_normal((3, 2, n, 8))
+    y64 = chain_topk(q, k, v, 0.95, b, topk)
+    y32 = chain_topk(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), 0.95, b, topk)
+    assert y32.dtype == np.float32
+    assert rel(y32, y64, v) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_huge_scores_stay_finite(rng, dtype):
+    """Scores up to +-1e4 (scale 1): every exponent is shifted to <= 0, nothing overflows."""
+    n, b = 40, 5
+    q, k = 60.0 * rng.standard_normal((2, 2, n, 2))
+    assert 5e3 < np.abs(q @ np.swapaxes(k, -1, -2)).max() < 3e4
+    v = rng.standard_normal((2, n, 3))
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        for topk in (1, 3):
+            args = (q.astype(dtype), k.astype(dtype))
+            y = chain_topk(*args, v.astype(dtype), 0.9, b, topk, scale=1.0)
+            assert np.isfinite(y).all()
+            ones = chain_topk(*args, np.ones_like(v, dtype=dtype), 0.9, b, topk, scale=1.0)
+            np.testing.assert_allclose(ones, 1.0, atol=1e-4)
+            if dtype == np.float64:
+                ref = chain_reference(ahat(q, k, b, topk, scale=1.0), v, 0.9)
+                assert rel(y, ref, v) < 1e-10
+
+
+def test_pooled_residue_is_not_a_cancellation(rng):
+    """A selected block whose pooled score dwarfs the row's real weights must not swamp the residue.
+
+    Block 0's mean key is huge against the mean query of block 2, but token 4 has its exact link
+    there and small real scores; evaluating the residue as (all pooled) - (selected pooled) would
+    subtract two numbers of size exp(300) to get one of size 1.
+    """
+    n, b = 6, 2
+    k = np.array([[30.0, 0.0], [30.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]])
+    q = np.array([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.02, 0.3], [20.0, 0.0]])
+    v = rng.standard_normal((n, 2))
+    assert selection(q, k, b, 1, scale=1.0)[4, 0] == 0
+    for dtype, tol in [(np.float64, 1e-10), (np.float32, 1e-4)]:
+        y = chain_topk(q.astype(dtype), k.astype(dtype), v.astype(dtype), 0.9, b, 1, scale=1.0)
+        ref = chain_reference(ahat(q, k, b, 1, scale=1.0), v, 0.9)
+        assert rel(y, ref, v) < tol
+
+
+# --- block_mass with topk ----------------------------------------------------------------------------
+
+
+def brute_block_mass(q, k, b, topk):
+    A = dense_attention(q, k)
+    n = q.shape[0]
+    sel = brute_selection(q, k, b, topk)
+    kept = [A[t, (t // b) * b : t + 1].sum() + sum(A[t, J * b : (J + 1) * b].sum() for J in sel[t]) for t in range(n)]
+    return np.mean(kept)
+
+
+@pytest.mark.parametrize("n, b", [(32, 4), (37, 6)])
+def test_block_mass_with_topk(rng, n, b):
+    q, k = rng.standard_normal((2, 2, n, 4))
+    m = -(-n // b)
+    prev = resolvent.block_mass(q, k, b)
+    for topk in range(1, m):
+        bm = resolvent.block_mass(q, k, b, topk=topk)
+        assert bm.shape == (2,)
+        want = [brute_block_mass(q[h], k[h], b, topk) for h in range(2)]
+        np.testing.assert_allclose(bm, want, rtol=1e-12)
+        assert np.all(bm >= prev - 1e-12)  # more links keep more mass
+        prev = bm
+    np.testing.assert_allclose(resolvent.block_mass(q, k, b, topk=m - 1), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(resolvent.block_mass(q, k, b, topk=m + 2), 1.0, rtol=1e-12)
+
+
+# --- properties -----------------------------------------------------------------------------------------
+
+
+@st.composite
+def problems(draw, max_n=32):
+    n = draw(st.integers(1, max_n))
+    b = draw(st.integers(1, n))
+    topk = draw(st.integers(1, 5))
+    d = draw(st.integers(1, 5))
+    dv = draw(st.integers(1, 3))
+    h = draw(st.integers(1, 2))
+    elems = st.floats(-3, 3, allow_nan=False, width=64)
+    q = draw(hnp.arrays(np.float64, (h, n, d), elements=elems))
+    k = draw(hnp.arrays(np.float64, (h, n, d), elements=elems))
+    v = draw(hnp.arrays(np.float64, (h, n, dv), elements=elems))
+    gamma = draw(hnp.arrays(np.float64, (h,), elements=st.floats(0.0, 0.97)))
+    return q, k, v, gamma, b, topk
+
+
+@given(problems())
+def test_property_equals_explicit_ahat(p):
+    q, k, v, gamma, b, topk = p
+    y = chain_topk(q, k, v, gamma, b, topk)
+    ref = chain_reference(ahat(q, k, b, topk), v, gamma)
+    assert rel(y, ref, v) < 1e-10
+    ones = chain_topk(q, k, np.ones_like(v), gamma, b, topk)
+    np.testing.assert_allclose(ones, 1.0, rtol=0, atol=1e-12)
+
+
+@given(problems(max_n=24))
+def test_property_block_mass(p):
+    q, k, _, _, b, topk = p
+    bm = resolvent.block_mass(q, k, b, topk=topk)
+    want = [brute_block_mass(q[h], k[h], b, topk) for h in range(q.shape[0])]
+    np.testing.assert_allclose(bm, want, rtol=1e-10, atol=1e-12)
