@@ -216,7 +216,7 @@ def solve(A, B, *, z=1.0, method="auto", block_size=None, tol=None, maxiter=None
     correction removes exactly that component, and two-level's count stays small as ``z -> 1``.
 
     The ``"auto"`` rule: ``"direct"`` when ``lower=True`` (a triangular solve is O(n^2), cheaper
-    than any iteration), when ``n <= 2048`` (LU costs 2/3 n^3 flops, about 0.1 s at n = 2048 on
+    than any iteration), when ``n <= 2048`` (LU costs 2/3 n^3 flops, about 0.15 s at n = 2048 on
     two cores, and is exact to rounding whatever the matrix), or when the iteration budget below
     is under 10 steps.  Otherwise ``"two_level"`` with ``maxiter`` capped at ``n // (3 k)``: a step
     costs about 2 n^2 k flops, so beyond that many steps LU would have been cheaper.  If two-level
