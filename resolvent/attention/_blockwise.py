@@ -168,3 +168,64 @@ def _forward_fused(q, k, v, gamma, b, scale):
     Z = solve_triangular(T, rr, lower=True, unit_diagonal=True, check_finite=False)
     combine()(X, h, W @ Z, gamma, b)
     return X
+
+
+def backward(q, k, v, gamma, b, scale, dy):
+    """Vector-Jacobian product of :func:`forward`: ``(dq, dk, dv, dgamma)`` in O(n b d + m^2 d).
+
+    ``(I - gamma Ahat)^T = M0^T - gamma E W^T E^T diag(u)``, so by Woodbury again (with the same
+    ``g`` as the forward, since ``1^T M0^{-1} gamma u = gamma u^T M0^{-T} 1``)::
+
+        [G0 | h'] = M0^{-T} [dX | gamma 1]                    (block upper-triangular solves)
+        (I_m - diag(g) W^T) Z = E^T diag(u) G0                 (unit upper triangular, m x m)
+        G = G0 + h' * E (W^T Z)
+
+    Then, with ``R = V + gamma X`` and ``delta_t = G_t . X_t`` (the softmax row term, because
+    ``Ahat R = X``): within blocks ``dS = D * (G R^T - delta)``; for the pooled scores
+    ``dsigma = W * (Gu Rsum^T - a n^T)`` with ``Gu_I = sum_{t in B_I} u_t G_t``,
+    ``a_I = sum_{t in B_I} u_t delta_t`` and ``Rsum_J = sum_{s in B_J} R_s``, which reach ``q`` and
+    ``k`` through the block means; ``dV = D^T G + E W^T Gu``; ``dgamma = -<dY, X> + <G, Ahat X>``.
+    """
+    B, n, d = q.shape
+    dvdim = v.shape[-1]
+    dt = q.dtype
+    g1 = gamma.astype(dt, copy=False)
+    X = forward(q, k, v, gamma, b, scale) / (1 - g1).reshape(B, 1, 1)
+    D, u, W, sizes = structure(q, k, b, scale)
+    m = W.shape[-1]
+    g4 = g1.reshape(B, 1, 1, 1)
+    qb, kb, vb = (_pad_blocks(x, b, m) for x in (q, k, v))
+    Xb, dyb = _pad_blocks(X, b, m), _pad_blocks(dy, b, m)
+    # G = (I - gamma Ahat)^{-T} dX
+    rhs = np.empty((B, m, b, dvdim + 1), dtype=dt)
+    rhs[..., :dvdim] = (1 - g4) * dyb
+    rhs[..., dvdim] = g4[..., 0]
+    M0T = np.eye(b, dtype=dt) - g4 * np.swapaxes(D, -1, -2)
+    sol = np.linalg.solve(M0T, rhs)
+    G0, hp = sol[..., :dvdim], sol[..., dvdim]
+    gdiag = np.einsum("bmt,bmt->bm", u, hp)
+    Tm = np.eye(m, dtype=dt) - gdiag[..., None] * np.swapaxes(W, -1, -2)
+    Z = solve_triangular(Tm, np.einsum("bmt,bmtc->bmc", u, G0), lower=False, unit_diagonal=True,
+                         check_finite=False)
+    G = G0 + hp[..., None] * (np.swapaxes(W, -1, -2) @ Z)[:, :, None, :]
+    # gradients of the scores
+    R = vb + g4 * Xb
+    delta = np.einsum("bmtc,bmtc->bmt", G, Xb)
+    dS = D * (G @ np.swapaxes(R, -1, -2) - delta[..., None])
+    dqb = scale * (dS @ kb)
+    dkb = scale * (np.swapaxes(dS, -1, -2) @ qb)
+    Gu = np.einsum("bmt,bmtc->bmc", u, G)
+    a = np.einsum("bmt,bmt->bm", u, delta)
+    dsigma = W * (Gu @ np.swapaxes(R.sum(axis=2), -1, -2) - a[..., None] * sizes)
+    qbar = qb.sum(axis=2) / sizes[:, None]
+    kbar = kb.sum(axis=2) / sizes[:, None]
+    dqb += (scale * (dsigma @ kbar) / sizes[:, None])[:, :, None, :]
+    dkb += (scale * (np.swapaxes(dsigma, -1, -2) @ qbar) / sizes[:, None])[:, :, None, :]
+    dvb = np.swapaxes(D, -1, -2) @ G + (np.swapaxes(W, -1, -2) @ Gu)[:, :, None, :]
+    AX = D @ Xb + u[..., None] * (W @ Xb.sum(axis=2))[:, :, None, :]
+    dgamma = -np.einsum("bij,bij->b", dy, X) + np.einsum("bmtc,bmtc->b", G, AX)
+
+    def unpad(x):
+        return x.reshape(B, m * b, x.shape[-1])[:, :n]
+
+    return unpad(dqb), unpad(dkb), unpad(dvb), dgamma

@@ -94,3 +94,50 @@ def forward(q, k, v, gamma, scale, tq=None, tk=None):
             M = eye[:T, :T] - g * A_II
             VX[:, i0:i1, dv:] = solve_triangular(M, rhs, lower=True, check_finite=False)
     return (1 - g) * VX[..., dv:]
+
+
+def backward(q, k, v, gamma, scale, dy, tq=None):
+    """Vector-Jacobian product of :func:`forward`, streaming: ``(dq, dk, dv, dgamma)``.
+
+    ``G = (I - gamma A)^{-T} dX`` is upper triangular in the tiles, so it is solved by backward
+    substitution over key tiles ``I`` from the last to the first.  For each, the column strip
+    ``A_{>=I, I}`` (rows ``t >= i0``, the tile's columns) is recomputed from the saved row
+    log-sum-exp; it serves the right side ``dX_I + gamma A_{>I,I}^T G_{>I}``, then the gradients
+    ``dS = A * (G R_I^T - delta)`` (``R = V + gamma X``, ``delta_t = G_t . X_t``), ``dq += scale dS k_I``,
+    ``dk_I = scale dS^T q``, ``dV_I = A^T G`` and ``(A X)_t`` for ``dgamma``.  Memory O(n tq).
+    """
+    tq = tq or TQ
+    B, n, _ = q.shape
+    dt = q.dtype
+    g = gamma.astype(dt, copy=False).reshape(B, 1, 1)
+    X = forward(q, k, v, gamma, scale) / (1 - g)
+    lse = row_logsumexp(q, k, scale)
+    dX = (1 - g) * dy
+    R = v + g * X
+    G = np.empty_like(dX)
+    delta = np.empty((B, n), dtype=dt)
+    AX = np.zeros_like(X)
+    dq = np.zeros_like(q)
+    dk = np.empty_like(k)
+    dv = np.empty_like(v)
+    tri = np.tri(tq, dtype=bool)
+    eye = np.eye(tq, dtype=dt)
+    for i0 in reversed(range(0, n, tq)):
+        i1 = min(n, i0 + tq)
+        T = i1 - i0
+        S = scale * (q[:, i0:] @ np.swapaxes(k[:, i0:i1], -1, -2))  # (B, n - i0, T)
+        S -= lse[:, i0:, None]
+        S[:, :T][:, ~tri[:T, :T]] = -np.inf
+        A = np.exp(S, out=S)
+        rhs = dX[:, i0:i1] + g * (np.swapaxes(A[:, T:], -1, -2) @ G[:, i1:])
+        M = eye[:T, :T] - g * A[:, :T]
+        G[:, i0:i1] = solve_triangular(M, rhs, lower=True, trans="T", check_finite=False)
+        delta[:, i0:i1] = np.einsum("bij,bij->bi", G[:, i0:i1], X[:, i0:i1])
+        Gs = G[:, i0:]
+        dS = A * (Gs @ np.swapaxes(R[:, i0:i1], -1, -2) - delta[:, i0:, None])
+        dq[:, i0:] += scale * (dS @ k[:, i0:i1])
+        dk[:, i0:i1] = scale * (np.swapaxes(dS, -1, -2) @ q[:, i0:])
+        dv[:, i0:i1] = np.swapaxes(A, -1, -2) @ Gs
+        AX[:, i0:] += A @ X[:, i0:i1]
+    dgamma = -np.einsum("bij,bij->b", dy, X) + np.einsum("bij,bij->b", G, AX)
+    return dq, dk, dv, dgamma
