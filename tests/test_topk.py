@@ -177,6 +177,15 @@ def test_batch_equals_loop_and_per_head_gamma(rng):
     assert rel(y[0, 1], chain_reference(ahat(q[0, 1], k[0, 1], 6, 2), v[0, 1], 0.6), v[0, 1]) < 1e-10
 
 
+def test_batch_split_over_threads_changes_nothing(rng, monkeypatch):
+    q, k, v = rng.standard_normal((3, 5, 37, 4))
+    gamma = np.linspace(0.1, 0.9, 5)
+    serial = chain_topk(q, k, v, gamma, 6, 2)
+    monkeypatch.setattr(_topk, "PARALLEL_MIN", 0)
+    monkeypatch.setattr(_topk, "_workers", lambda: 3)
+    np.testing.assert_allclose(chain_topk(q, k, v, gamma, 6, 2), serial, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("n, b, topk", [(48, 8, 2), (45, 7, 1), (40, 4, 4)])
 def test_float32_close_to_float64(rng, n, b, topk):
     q, k, v = rng.standard_normal((3, 2, n, 8))

@@ -31,8 +31,38 @@ and padded rows select nothing and are dropped at the end.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 from scipy.linalg import get_blas_funcs
+
+
+_BLAS_CONTROLLER = None
+PARALLEL_MIN = 1 << 20  # B * n * (d + dv) from which the batch is split over the cores
+
+
+def _one_blas_thread():
+    """A context in which BLAS runs on one thread, when ``threadpoolctl`` is installed.
+
+    The loop below issues a few hundred small products and triangular solves; OpenBLAS threads
+    them, and when the cores are shared its spinning threads wait on each other: on the 2-core
+    benchmark machine under load, n = 4096 took 9.3 s with 2 BLAS threads and 0.18 s with one.
+    One thread is also no slower when the machine is quiet (``benchmarks/results/topk_scaling.md``).
+    The limit is process-wide while it lasts, as every BLAS thread setting is.
+    """
+    global _BLAS_CONTROLLER
+    if _BLAS_CONTROLLER is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            _BLAS_CONTROLLER = False
+        else:
+            _BLAS_CONTROLLER = ThreadpoolController()
+    if _BLAS_CONTROLLER is False:
+        return contextlib.nullcontext()
+    return _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
 
 
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
@@ -151,8 +181,31 @@ def _lower_solver(dt, B):
 def forward(q, k, v, gamma, b, topk, scale):
     """Chain attention on the SPEC 2.3 matrix: q, k (B, n, d), v (B, n, dv), gamma (B,) -> (B, n, dv).
 
-    ``b`` is the block size (``1 <= b <= n``), ``topk >= 1``.  Computes in the dtype of ``q``.
+    ``b`` is the block size (``1 <= b <= n``), ``topk >= 1`` (``topk = 0`` runs too and gives the
+    pooled operator of SPEC 2.2, a cross-check for the tests).  Computes in the dtype of ``q``.
     """
+    B, n, d = q.shape
+    # threads pay off once each slice holds real work (about a millisecond of it)
+    workers = min(B, _workers()) if B * n * (d + v.shape[-1]) >= PARALLEL_MIN else 1
+    with _one_blas_thread():
+        if workers < 2:
+            return _forward(q, k, v, gamma, b, topk, scale)
+        # batch entries are independent: one slice per core, NumPy releases the GIL in the heavy calls
+        cuts = np.linspace(0, B, workers + 1).astype(int)
+        parts = [slice(cuts[i], cuts[i + 1]) for i in range(workers)]
+        with ThreadPoolExecutor(workers) as ex:
+            ys = list(ex.map(lambda s: _forward(q[s], k[s], v[s], gamma[s], b, topk, scale), parts))
+        return np.concatenate(ys, axis=0)
+
+
+def _workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _forward(q, k, v, gamma, b, topk, scale):
     B, n, d = q.shape
     dv = v.shape[-1]
     dt = q.dtype
