@@ -177,6 +177,13 @@ def test_batch_equals_loop_and_per_head_gamma(rng):
     assert rel(y[0, 1], chain_reference(ahat(q[0, 1], k[0, 1], 6, 2), v[0, 1], 0.6), v[0, 1]) < 1e-10
 
 
+def test_large_batch_uses_the_stacked_solver(rng):
+    q, k, v = rng.standard_normal((3, 70, 11, 2))
+    y = chain_topk(q, k, v, 0.9, 3, 1)
+    for i in (0, 33, 69):
+        assert rel(y[i], chain_reference(ahat(q[i], k[i], 3, 1), v[i], 0.9), v[i]) < 1e-10
+
+
 def test_batch_split_over_threads_changes_nothing(rng, monkeypatch):
     q, k, v = rng.standard_normal((3, 5, 37, 4))
     gamma = np.linspace(0.1, 0.9, 5)
