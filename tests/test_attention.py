@@ -263,3 +263,39 @@ def test_complex_input(small):
 def test_bad_scale(small):
     with pytest.raises(ValueError, match="scale must be a finite real number"):
         resolvent.chain_attention(*small, 0.5, scale=float("inf"))
+
+
+# --- backward: both CPU paths (the framework-level gradient tests are in test_vjp.py) ---------
+
+
+@pytest.mark.parametrize("n,b", [(13, 4), (16, 16), (9, 12)])
+def test_blockwise_backward_matches_central_differences(blockwise_path, rng, n, b):
+    q, k = rng.standard_normal((2, 2, n, 3))
+    v, dy = rng.standard_normal((2, 2, n, 2))
+    gamma = np.array([0.8, 0.3])
+    dq, dk, dv, dg = resolvent.chain_attention_vjp(q, k, v, gamma, dy, block_size=b, return_dgamma=True)
+
+    def loss(**kw):
+        args = dict(q=q, k=k, v=v, gamma=gamma) | kw
+        return np.sum(dy * resolvent.chain_attention(args["q"], args["k"], args["v"], args["gamma"], block_size=b))
+
+    eps = 1e-6
+    for name, x, grad in [("q", q, dq), ("k", k, dk), ("v", v, dv), ("gamma", gamma, dg)]:
+        num = np.empty_like(x)
+        for i in range(x.size):
+            xp, xm = x.copy(), x.copy()
+            xp.flat[i] += eps
+            xm.flat[i] -= eps
+            num.flat[i] = (loss(**{name: xp}) - loss(**{name: xm})) / (2 * eps)
+        np.testing.assert_allclose(grad, num, rtol=1e-6, atol=1e-8, err_msg=name)
+
+
+def test_vjp_reuses_a_given_output(rng):
+    q, k, v, dy = rng.standard_normal((4, 2, 30, 4))
+    y = resolvent.chain_attention(q, k, v, 0.8, block_size=8)
+    a = resolvent.chain_attention_vjp(q, k, v, 0.8, dy, block_size=8)
+    b = resolvent.chain_attention_vjp(q, k, v, 0.8, dy, block_size=8, y=y)
+    for x, z in zip(a, b):
+        np.testing.assert_allclose(x, z, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="y must have the output's shape"):
+        resolvent.chain_attention_vjp(q, k, v, 0.8, dy, y=y[:, :5])

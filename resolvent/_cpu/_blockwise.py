@@ -111,3 +111,149 @@ def within_blocks():
 
 def combine():
     return _combine
+
+
+@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _backward_solve(q, k, gamma, b, scale, c, pooled, dX, Dst, u, G0, hp, rr, g):  # pragma: no cover
+    """Backward, first half: ``[G0 | h'] = M0^{-T} [dX | gamma 1]`` block by block.
+
+    Recomputes the block's normalised scores into ``Dst`` (B, m, b, b) and ``u`` (B, n) for the
+    second half, and writes the reduced system's right side ``rr = E^T diag(u) G0`` and diagonal
+    ``g = E^T diag(u) h'``.
+    """
+    B, n, d = q.shape
+    dv = dX.shape[2]
+    m = (n + b - 1) // b
+    for job in numba.prange(B * m):
+        p = job // m
+        I = job - p * m
+        t0 = I * b
+        T = min(n, t0 + b) - t0
+        gam = gamma[p]
+        zero = np.zeros(1, dtype=q.dtype)[0]
+        qI = q[p, t0 : t0 + T]
+        kI = k[p, t0 : t0 + T]
+        S = Dst[p, I]
+        uI = u[p, t0 : t0 + T]
+        for i in range(T):
+            rmax = -np.inf
+            for j in range(i + 1):
+                acc = zero
+                for a in range(d):
+                    acc += qI[i, a] * kI[j, a]
+                acc *= scale
+                S[i, j] = acc
+                rmax = max(rmax, acc)
+            if I > 0:
+                rmax = max(rmax, c[p, I])
+            z = zero
+            for j in range(i + 1):
+                e = math.exp(S[i, j] - rmax)
+                S[i, j] = e
+                z += e
+            ec = zero
+            if I > 0:
+                ec = math.exp(c[p, I] - rmax)
+                z += ec * pooled[p, I]
+            inv_z = 1.0 / z
+            for j in range(i + 1):
+                S[i, j] *= inv_z
+            uI[i] = ec * inv_z
+        # backward substitution with M0^T = I - gamma D^T (upper triangular)
+        GI = G0[p, t0 : t0 + T]
+        dXI = dX[p, t0 : t0 + T]
+        rsum = rr[p, I]
+        rsum[:] = 0
+        gsum = zero
+        for i in range(T - 1, -1, -1):
+            hacc = gam
+            for a in range(dv):
+                GI[i, a] = dXI[i, a]
+            for j in range(i + 1, T):
+                dji = gam * S[j, i]
+                hacc += dji * hp[p, t0 + j]
+                for a in range(dv):
+                    GI[i, a] += dji * GI[j, a]
+            inv_m = 1.0 / (1.0 - gam * S[i, i])
+            hp[p, t0 + i] = hacc * inv_m
+            gsum += uI[i] * hacc * inv_m
+            for a in range(dv):
+                GI[i, a] *= inv_m
+                rsum[a] += uI[i] * GI[i, a]
+        g[p, I] = gsum
+
+
+@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _backward_grads(q, k, v, X, gamma, b, scale, Dst, u, G, hp, WtZ,
+                    dq, dk, dv, Gu, a_sum, Rsum, gdx):  # pragma: no cover
+    """Backward, second half: ``G = G0 + h' * E W^T Z`` (in place), then within each block
+    ``dS = D * (G R^T - delta)``, ``dq = scale dS k``, ``dk = scale dS^T q``, ``dv = D^T G``, and the
+    block sums the pooled part needs: ``Gu = E^T diag(u) G``, ``a = E^T (u * delta)``,
+    ``Rsum = E^T R`` and ``gdx_I = sum_{t in B_I} G_t . (D X)_t``.
+    """
+    B, n, d = q.shape
+    dvd = v.shape[2]
+    m = (n + b - 1) // b
+    for job in numba.prange(B * m):
+        p = job // m
+        I = job - p * m
+        t0 = I * b
+        T = min(n, t0 + b) - t0
+        gam = gamma[p]
+        zero = np.zeros(1, dtype=q.dtype)[0]
+        S = Dst[p, I]
+        qI = q[p, t0 : t0 + T]
+        kI = k[p, t0 : t0 + T]
+        vI = v[p, t0 : t0 + T]
+        XI = X[p, t0 : t0 + T]
+        GI = G[p, t0 : t0 + T]
+        dqI = dq[p, t0 : t0 + T]
+        dkI = dk[p, t0 : t0 + T]
+        dvI = dv[p, t0 : t0 + T]
+        R = np.empty((T, dvd), dtype=q.dtype)
+        delta = np.empty(T, dtype=q.dtype)
+        gu = Gu[p, I]
+        gu[:] = 0
+        rs = Rsum[p, I]
+        rs[:] = 0
+        asum = zero
+        for i in range(T):
+            hi = hp[p, t0 + i]
+            dl = zero
+            for a in range(dvd):
+                GI[i, a] += hi * WtZ[p, I, a]
+                R[i, a] = vI[i, a] + gam * XI[i, a]
+                rs[a] += R[i, a]
+                dl += GI[i, a] * XI[i, a]
+                gu[a] += u[p, t0 + i] * GI[i, a]
+            delta[i] = dl
+            asum += u[p, t0 + i] * dl
+        a_sum[p, I] = asum
+        dqI[:, :] = 0
+        dkI[:, :] = 0
+        dvI[:, :] = 0
+        gd = zero
+        for i in range(T):
+            for j in range(i + 1):
+                dij = S[i, j]
+                gr = zero
+                gx = zero
+                for a in range(dvd):
+                    gr += GI[i, a] * R[j, a]
+                    gx += GI[i, a] * XI[j, a]
+                gd += dij * gx
+                ds = scale * dij * (gr - delta[i])
+                for a in range(d):
+                    dqI[i, a] += ds * kI[j, a]
+                    dkI[j, a] += ds * qI[i, a]
+                for a in range(dvd):
+                    dvI[j, a] += dij * GI[i, a]
+        gdx[p, I] = gd
+
+
+def backward_solve():
+    return _backward_solve
+
+
+def backward_grads():
+    return _backward_grads

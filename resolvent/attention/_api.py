@@ -208,7 +208,7 @@ def _unbroadcast(grad: np.ndarray, shape: tuple) -> np.ndarray:
 
 
 def chain_attention_vjp(q, k, v, gamma, dy, *, method="blockwise", block_size=None, topk=0, scale=None,
-                        return_dgamma=False):
+                        return_dgamma=False, y=None):
     r"""Vector-Jacobian product of :func:`chain_attention`: the gradients of ``sum(dy * Y)``.
 
     Parameters
@@ -219,6 +219,9 @@ def chain_attention_vjp(q, k, v, gamma, dy, *, method="blockwise", block_size=No
         Cotangent of the output ``Y`` (its broadcast batch shape).
     return_dgamma : bool, optional
         Also return the gradient with respect to ``gamma``.
+    y : array_like, shape (..., n, dv), optional
+        The output of :func:`chain_attention` for the same arguments, if the caller kept it (as an
+        autograd function does): ``blockwise`` then skips recomputing the forward pass.
 
     Returns
     -------
@@ -265,6 +268,12 @@ def chain_attention_vjp(q, k, v, gamma, dy, *, method="blockwise", block_size=No
         raise ValueError(f"dy must have the output's shape {batch + (n, dvdim)}, got {dyf.shape}")
     check_finite_array(dyf, "dy")
     dyf = np.ascontiguousarray(dyf.reshape(B, n, dvdim), dtype=dt)
+    yf = None
+    if y is not None:
+        yf = as_inexact(y, "y", min_ndim=2)
+        if yf.shape != batch + (n, dvdim):
+            raise ValueError(f"y must have the output's shape {batch + (n, dvdim)}, got {yf.shape}")
+        yf = np.ascontiguousarray(yf.reshape(B, n, dvdim), dtype=dt)
     if method == "dense":
         grads = _dense.backward(qf, kf, vf, g, scale, dyf)
     elif method == "exact":
@@ -276,7 +285,7 @@ def chain_attention_vjp(q, k, v, gamma, dy, *, method="blockwise", block_size=No
 
             grads = _topk.backward(qf, kf, vf, g, b, topk, scale, dyf)
         else:
-            grads = _blockwise.backward(qf, kf, vf, g, b, scale, dyf)
+            grads = _blockwise.backward(qf, kf, vf, g, b, scale, dyf, y=yf)
     dq, dk, dvv, dg = grads
     out = [
         _unbroadcast(x.reshape(batch + x.shape[-2:]), shp).astype(out_dt, copy=False)

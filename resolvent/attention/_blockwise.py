@@ -170,7 +170,77 @@ def _forward_fused(q, k, v, gamma, b, scale):
     return X
 
 
-def backward(q, k, v, gamma, b, scale, dy):
+def backward(q, k, v, gamma, b, scale, dy, y=None):
+    """Vector-Jacobian product of :func:`forward` (derivation in ``_backward_numpy``).
+
+    ``y``, the forward's output, saves recomputing it (``X = y / (1 - gamma)``).
+    """
+    B = q.shape[0]
+    if y is None:
+        y = forward(q, k, v, gamma, b, scale)
+    X = y / (1 - gamma.astype(q.dtype, copy=False)).reshape(B, 1, 1)
+    if use_numba():
+        return _backward_fused(q, k, v, gamma, b, scale, dy, X)
+    return _backward_numpy(q, k, v, gamma, b, scale, dy, X)
+
+
+def _add_per_block(x: np.ndarray, per_block: np.ndarray, b: int) -> None:
+    """In place: ``x[:, t] += per_block[:, t // b]`` for x (B, n, c), per_block (B, m, c)."""
+    B, n, c = x.shape
+    full = n // b
+    if full:
+        x[:, : full * b].reshape(B, full, b, c)[...] += per_block[:, :full, None, :]
+    if full * b < n:
+        x[:, full * b :] += per_block[:, full, None, :]
+
+
+def _backward_fused(q, k, v, gamma, b, scale, dy, X):
+    """:func:`backward` with the block work in two fused Numba kernels (see ``resolvent._cpu``)."""
+    from .._cpu._blockwise import backward_grads, backward_solve
+
+    B, n, d = q.shape
+    dvdim = v.shape[-1]
+    dt = q.dtype
+    g1 = gamma.astype(dt)
+    c, W, sizes = pooled_scores(q, k, b, scale)
+    m = W.shape[-1]
+    pooled = W @ sizes
+    c = np.where(np.isfinite(c), c, 0).astype(dt)
+    dX = (1 - g1).reshape(B, 1, 1) * dy
+    Dst = np.empty((B, m, b, b), dtype=dt)
+    u = np.empty((B, n), dtype=dt)
+    G = np.empty((B, n, dvdim), dtype=dt)
+    hp = np.empty((B, n), dtype=dt)
+    rr = np.empty((B, m, dvdim), dtype=dt)
+    gdiag = np.empty((B, m), dtype=dt)
+    backward_solve()(q, k, g1, b, dt.type(scale), c, pooled, dX, Dst, u, G, hp, rr, gdiag)
+    Wt = np.swapaxes(W, -1, -2)
+    Tm = np.eye(m, dtype=dt) - gdiag[..., None] * Wt
+    Z = solve_triangular(Tm, rr, lower=False, unit_diagonal=True, check_finite=False)
+    dq = np.empty_like(q)
+    dk = np.empty_like(k)
+    dvv = np.empty_like(v)
+    Gu = np.empty((B, m, dvdim), dtype=dt)
+    a = np.empty((B, m), dtype=dt)
+    Rsum = np.empty((B, m, dvdim), dtype=dt)
+    gdx = np.empty((B, m), dtype=dt)
+    backward_grads()(q, k, v, X, g1, b, dt.type(scale), Dst, u, G, hp, Wt @ Z, dq, dk, dvv, Gu, a, Rsum, gdx)
+    # the pooled scores: dsigma = W * (Gu Rsum^T - a n^T), through the block means
+    dsigma = W * (Gu @ np.swapaxes(Rsum, -1, -2) - a[..., None] * sizes)
+    qbar = _pad_blocks(q, b, m).sum(axis=2) / sizes[:, None]
+    kbar = _pad_blocks(k, b, m).sum(axis=2) / sizes[:, None]
+    dqbar = scale * (dsigma @ kbar) / sizes[:, None]
+    dkbar = scale * (np.swapaxes(dsigma, -1, -2) @ qbar) / sizes[:, None]
+    _add_per_block(dq, dqbar, b)
+    _add_per_block(dk, dkbar, b)
+    _add_per_block(dvv, Wt @ Gu, b)
+    Xsum = _pad_blocks(X, b, m).sum(axis=2)
+    dgamma = (-np.einsum("bij,bij->b", dy, X) + gdx.sum(axis=-1)
+              + np.einsum("bmc,bmc->b", Gu, W @ Xsum))
+    return dq, dk, dvv, dgamma
+
+
+def _backward_numpy(q, k, v, gamma, b, scale, dy, X):
     """Vector-Jacobian product of :func:`forward`: ``(dq, dk, dv, dgamma)`` in O(n b d + m^2 d).
 
     ``(I - gamma Ahat)^T = M0^T - gamma E W^T E^T diag(u)``, so by Woodbury again (with the same
@@ -190,7 +260,6 @@ def backward(q, k, v, gamma, b, scale, dy):
     dvdim = v.shape[-1]
     dt = q.dtype
     g1 = gamma.astype(dt, copy=False)
-    X = forward(q, k, v, gamma, b, scale) / (1 - g1).reshape(B, 1, 1)
     D, u, W, sizes = structure(q, k, b, scale)
     m = W.shape[-1]
     g4 = g1.reshape(B, 1, 1, 1)
