@@ -209,8 +209,8 @@ def chain_vjp(A, V, gamma, dY, *, method="auto", block_size=None, tol=None):
     >>> import numpy as np, resolvent
     >>> A = np.tril(np.ones((4, 4))); A /= A.sum(axis=1, keepdims=True)
     >>> dA, dV, dgamma = resolvent.chain_vjp(A, np.ones(4), 0.5, np.ones(4))
-    >>> float(dgamma)  # a constant V gives Y = V whatever gamma is
-    0.0
+    >>> abs(float(dgamma)) < 1e-12  # a constant V gives Y = V whatever gamma is
+    True
     """
     A = as_inexact(A, "A", min_ndim=2)
     V = as_inexact(V, "V", min_ndim=1)
