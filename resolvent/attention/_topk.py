@@ -95,12 +95,12 @@ def _select(qs, kbar, b, m, n, topk, chunk_elems=1 << 21):
     # candidate columns reversed (column c is block m - 1 - c), so that argmax, which returns
     # the first maximum, prefers the later block; a block is a candidate for rows of later blocks
     kbar_r = np.ascontiguousarray(kbar[:, ::-1])
-    later = np.arange(m - 1, -1, -1)[None, :] >= (np.arange(N) // b)[:, None]  # (N, m): J >= I
+    blocks_r = np.arange(m - 1, -1, -1)
     rows_per = max(b, (chunk_elems // (B * m)) // b * b)
     for r0 in range(b, N, rows_per):  # block 0 has no earlier block
         r1 = min(N, r0 + rows_per)
         P = qs[:, r0:r1] @ np.swapaxes(kbar_r, -1, -2)  # (B, R, m)
-        np.copyto(P, -np.inf, where=later[None, r0:r1])
+        np.copyto(P, -np.inf, where=blocks_r[None, None, :] >= (np.arange(r0, r1) // b)[None, :, None])
         flat = P.reshape(-1, m)
         base = np.arange(flat.shape[0]) * m
         for j in range(kk):
