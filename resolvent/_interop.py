@@ -225,6 +225,15 @@ def interop(fn):
                 "device"
             )
         off_cpu = [(nm, dev) for dev, nms in devices.items() for nm in nms if dev[0] not in _CPU_DEVICES]
+        if off_cpu and all(dev[0] == 2 for dev in primary_devices):
+            # CUDA arrays: the same function in the GPU backend (imported here, on first use only);
+            # the arrays stay on the device and come back in the caller's framework.
+            from ._gpu import dispatch
+
+            dtypes = {_dtype_name(a, afw) for _, a, afw in arrays if _is_floating(a, afw)}
+            half = dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)) in _HALF else None
+            return dispatch(fn.__name__, args, kwargs, frameworks={id(a): afw for _, a, afw in found},
+                            like=like, fw=fw, half=half)
         if off_cpu:
             nm, dev = off_cpu[0]
             raise NotImplementedError(
