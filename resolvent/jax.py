@@ -52,9 +52,9 @@ def _function(method, block_size, topk, scale, ndim):
         q, k, v, g = _leading([q, k, v, g], ndims)
         return np.asarray(_api.chain_attention(q, k, v, g, **opts), dtype=q.dtype)
 
-    def backward_cb(q, k, v, g, dy):
-        q, k, v, g, dy = _leading([q, k, v, g, dy], ndims + (ndim,))
-        grads = _api.chain_attention_vjp(q, k, v, g, dy, return_dgamma=True, **opts)
+    def backward_cb(q, k, v, g, y, dy):
+        q, k, v, g, y, dy = _leading([q, k, v, g, y, dy], ndims + (ndim, ndim))
+        grads = _api.chain_attention_vjp(q, k, v, g, dy, return_dgamma=True, y=y, **opts)
         return tuple(np.asarray(d, dtype=x.dtype) for d, x in zip(grads, (q, k, v, g)))
 
     @jax.custom_vjp
@@ -63,10 +63,11 @@ def _function(method, block_size, topk, scale, ndim):
         return jax.pure_callback(forward_cb, out, q, k, v, g, vmap_method="expand_dims")
 
     def f_fwd(q, k, v, g):
-        return f(q, k, v, g), (q, k, v, g)
+        y = f(q, k, v, g)
+        return y, (q, k, v, g, y)  # the backward reuses y (blockwise then skips a forward pass)
 
     def f_bwd(res, dy):
-        shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in res)
+        shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in res[:4])
         return jax.pure_callback(backward_cb, shapes, *res, dy, vmap_method="expand_dims")
 
     f.defvjp(f_fwd, f_bwd)

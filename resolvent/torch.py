@@ -30,21 +30,23 @@ class _ChainAttentionFunction(torch.autograd.Function):
                                 scale=scale)
         ctx.options = dict(method=method, block_size=block_size, topk=topk, scale=scale)
         ctx.gamma_is_tensor = isinstance(gamma, torch.Tensor)
-        if ctx.gamma_is_tensor:
-            ctx.save_for_backward(q, k, v, gamma)
-        else:
+        # The backward reuses the forward's output (blockwise then skips recomputing it), unless it
+        # was rounded to bfloat16/float16: then the float32 values are recomputed.
+        ctx.keep_y = y.dtype in (torch.float32, torch.float64)
+        saved = (q, k, v) + ((gamma,) if ctx.gamma_is_tensor else ()) + ((y,) if ctx.keep_y else ())
+        ctx.save_for_backward(*saved)
+        if not ctx.gamma_is_tensor:
             ctx.gamma = gamma
-            ctx.save_for_backward(q, k, v)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        if ctx.gamma_is_tensor:
-            q, k, v, gamma = ctx.saved_tensors
-        else:
-            (q, k, v), gamma = ctx.saved_tensors, ctx.gamma
-        dq, dk, dv, dgamma = _rs.chain_attention_vjp(q, k, v, gamma, dy, return_dgamma=True, **ctx.options)
+        saved = list(ctx.saved_tensors)
+        y = saved.pop() if ctx.keep_y else None
+        q, k, v = saved[:3]
+        gamma = saved[3] if ctx.gamma_is_tensor else ctx.gamma
+        dq, dk, dv, dgamma = _rs.chain_attention_vjp(q, k, v, gamma, dy, return_dgamma=True, y=y, **ctx.options)
         grads = [g.to(x.dtype) for g, x in ((dq, q), (dk, k), (dv, v))]
         grads.append(dgamma.to(gamma.dtype) if ctx.gamma_is_tensor else None)
         return (*grads, None, None, None, None)
@@ -86,7 +88,7 @@ def chain_attention(q, k, v, gamma=0.9, *, method="blockwise", block_size=None, 
     Examples
     --------
     >>> import torch, resolvent.torch
-    >>> q, k, v = torch.randn(3, 2, 64, 8, dtype=torch.float64, requires_grad=True).unbind(0)
+    >>> q, k, v = (torch.randn(2, 64, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     >>> y = resolvent.torch.chain_attention(q, k, v, 0.9, method="blockwise", block_size=16)
     >>> y.sum().backward()
     >>> q.grad.shape

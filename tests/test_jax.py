@@ -135,3 +135,12 @@ def test_shape_errors():
         rj.chain_attention(q, k[..., :2], v)
     with pytest.raises(ValueError, match=r"gamma of shape \(3,\) does not broadcast over the batch dimensions \(2,\)"):
         rj.chain_attention(q, k, v, jnp.array([0.1, 0.2, 0.3]))
+
+
+def test_docstring_examples():
+    import doctest
+
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    for test in doctest.DocTestFinder().find(rj, "resolvent.jax"):
+        runner.run(test)
+    assert runner.tries >= 3 and runner.failures == 0

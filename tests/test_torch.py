@@ -181,3 +181,12 @@ def test_training_reduces_the_loss():
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
     assert model[1].gamma_logit.grad is not None and torch.isfinite(model[1].gamma_logit.grad).all()
+
+
+def test_docstring_examples():
+    import doctest
+
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    for test in doctest.DocTestFinder().find(rt, "resolvent.torch"):
+        runner.run(test)
+    assert runner.tries >= 6 and runner.failures == 0
