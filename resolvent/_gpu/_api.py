@@ -1,0 +1,280 @@
+"""GPU implementations of the public functions, on CuPy arrays (same signatures as the CPU ones).
+
+Reached through :func:`resolvent._gpu.dispatch` when the arrays of a call live on a CUDA device.
+Validation mirrors the CPU layer (same exceptions, same wording); the computing runs on CuPy's
+current stream, the numba kernels launched on that stream too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .._errors import SolveInfo
+from .._validate import check_choice, check_gamma, check_positive_int
+from ..attention._api import METHODS, _check_scale, _check_topk
+from ..attention._api import default_block_size as _cpu_default_block_size
+
+__all__ = ["chain_attention", "chain_attention_vjp", "default_block_size", "block_mass", "chain", "solve",
+           "solve_shifts", "solve_vjp", "chain_vjp", "gpu_block_size"]
+
+
+def _cp():
+    import cupy
+
+    return cupy
+
+
+def _stream():
+    """The numba stream object for CuPy's current stream."""
+    from numba import cuda
+
+    return cuda.external_stream(_cp().cuda.get_current_stream().ptr)
+
+
+def gpu_block_size(n, topk=0):
+    """The GPU's default block size: the CPU rule ``4 n^(1/3)`` (multiple of 8) capped at 64, the
+    largest block whose score tile the fused kernels keep in shared memory (docs/gpu.md)."""
+    from ._kernels import MAX_BLOCK
+
+    return min(_cpu_default_block_size(n, topk=topk), MAX_BLOCK)
+
+
+def default_block_size(n, *, topk=0):
+    return _cpu_default_block_size(n, topk=topk)
+
+
+def _as_float(x, name, min_ndim=0):
+    cp = _cp()
+    x = cp.asarray(x)
+    if x.dtype.kind in "biu":
+        x = x.astype(cp.float64)
+    elif x.dtype == cp.float16:
+        x = x.astype(cp.float32)
+    elif x.dtype.kind not in "fc":
+        raise TypeError(f"{name} must hold numbers, got an array of dtype {x.dtype}")
+    if x.ndim < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimensions, got shape {x.shape}")
+    return x
+
+
+def _all_finite(*named):
+    """One reduction per array, one synchronisation for all; ValueError names the first bad one."""
+    cp = _cp()
+    flags = cp.stack([cp.isfinite(x).all() for _, x in named])
+    ok = cp.asnumpy(flags)
+    for (name, _), good in zip(named, ok):
+        if not good:
+            raise ValueError(
+                f"{name} must contain only finite values (found inf or NaN); "
+                "pass check_finite=False to skip this check"
+            )
+
+
+def _prepare_qkv(q, k, v):
+    cp = _cp()
+    in16 = all(getattr(x, "dtype", None) == np.float16 for x in (q, k, v))
+    q, k, v = (_as_float(x, nm, 2) for x, nm in ((q, "q"), (k, "k"), (v, "v")))
+    for nm, x in (("q", q), ("k", k), ("v", v)):
+        if x.dtype.kind == "c":
+            raise ValueError(f"{nm} must be real for attention, got dtype {x.dtype}")
+    n, d = q.shape[-2:]
+    if k.shape[-2:] != (n, d):
+        raise ValueError(f"k must have shape (..., n, d) = (..., {n}, {d}) like q, got {k.shape}")
+    if v.shape[-2] != n:
+        raise ValueError(f"v must have shape (..., n, dv) with n = {n} like q, got {v.shape}")
+    if n < 1 or d < 1 or v.shape[-1] < 1:
+        raise ValueError(f"q, k, v must be non-empty, got shapes {q.shape}, {k.shape}, {v.shape}")
+    try:
+        batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    except ValueError:
+        raise ValueError(
+            f"batch dimensions of q {q.shape[:-2]}, k {k.shape[:-2]} and v {v.shape[:-2]} do not broadcast"
+        ) from None
+    dt = np.result_type(q.dtype, k.dtype, v.dtype)
+    out_dt = np.dtype(np.float16) if in16 else dt
+    _all_finite(("q", q), ("k", k), ("v", v))
+    B = math.prod(batch)
+
+    def flat(x, last):
+        return cp.ascontiguousarray(cp.broadcast_to(x, batch + x.shape[-2:]).reshape((B, n, last)), dtype=dt)
+
+    return flat(q, d), flat(k, d), flat(v, v.shape[-1]), batch, dt, out_dt
+
+
+def _gamma(gamma, batch, dt):
+    cp = _cp()
+    g = cp.asnumpy(gamma) if isinstance(gamma, cp.ndarray) else gamma
+    return cp.asarray(np.ascontiguousarray(check_gamma(g, batch, dt)).reshape(-1))
+
+
+def _topk_unsupported(topk):
+    raise NotImplementedError(
+        f"chain_attention with topk={topk} (block-sparse links) is not implemented on the GPU backend; "
+        "use topk=0 on the GPU, or move the arrays to the CPU (x.cpu() in PyTorch, cupy.asnumpy)"
+    )
+
+
+def chain_attention(q, k, v, gamma=0.9, *, method="blockwise", block_size=None, topk=0, scale=None):
+    from . import _attention, _blockwise
+
+    cp = _cp()
+    check_choice(method, "method", METHODS)
+    block_size = check_positive_int(block_size, "block_size")
+    topk = _check_topk(topk)
+    if topk and method != "blockwise":
+        raise ValueError(f"topk applies to method='blockwise' only, got method={method!r} with topk={topk}")
+    if topk:
+        _topk_unsupported(topk)
+    qf, kf, vf, batch, dt, out_dt = _prepare_qkv(q, k, v)
+    n, d = qf.shape[-2:]
+    scale = _check_scale(scale, d)
+    g = _gamma(gamma, batch, dt)
+    if method == "dense":
+        y = _attention.dense_forward(cp, qf, kf, vf, g, scale)
+    elif method == "exact":
+        y = _attention.exact_forward(cp, qf, kf, vf, g, scale)
+    else:
+        b = min(block_size or gpu_block_size(n), n)
+        y = _blockwise.forward(cp, qf, kf, vf, g, b, scale, stream=_stream())
+    return y.reshape(batch + y.shape[-2:]).astype(out_dt, copy=False)
+
+
+def _unbroadcast(grad, shape):
+    extra = grad.ndim - len(shape)
+    if extra:
+        grad = grad.sum(axis=tuple(range(extra)))
+    axes = tuple(i for i, (s, g) in enumerate(zip(shape, grad.shape)) if s == 1 and g != 1)
+    if axes:
+        grad = grad.sum(axis=axes, keepdims=True)
+    return grad.reshape(shape)
+
+
+def chain_attention_vjp(q, k, v, gamma, dy, *, method="blockwise", block_size=None, topk=0, scale=None,
+                        return_dgamma=False, y=None):
+    from . import _attention, _blockwise
+
+    cp = _cp()
+    check_choice(method, "method", METHODS)
+    block_size = check_positive_int(block_size, "block_size")
+    topk = _check_topk(topk)
+    if topk and method != "blockwise":
+        raise ValueError(f"topk applies to method='blockwise' only, got method={method!r} with topk={topk}")
+    if topk:
+        _topk_unsupported(topk)
+    shapes = [tuple(np.shape(x)) for x in (q, k, v)]
+    gamma_shape = np.shape(gamma)
+    qf, kf, vf, batch, dt, out_dt = _prepare_qkv(q, k, v)
+    B, n, d = qf.shape
+    dvdim = vf.shape[-1]
+    scale = _check_scale(scale, d)
+    g = _gamma(gamma, batch, dt)
+    dyf = _as_float(dy, "dy", 2)
+    if dyf.shape != batch + (n, dvdim):
+        raise ValueError(f"dy must have the output's shape {batch + (n, dvdim)}, got {dyf.shape}")
+    _all_finite(("dy", dyf))
+    dyf = cp.ascontiguousarray(dyf.reshape(B, n, dvdim), dtype=dt)
+    yf = None
+    if y is not None:
+        yf = _as_float(y, "y", 2)
+        if yf.shape != batch + (n, dvdim):
+            raise ValueError(f"y must have the output's shape {batch + (n, dvdim)}, got {yf.shape}")
+        yf = cp.ascontiguousarray(yf.reshape(B, n, dvdim), dtype=dt)
+    if method == "dense":
+        grads = _attention.dense_backward(cp, qf, kf, vf, g, scale, dyf)
+    elif method == "exact":
+        grads = _attention.exact_backward(cp, qf, kf, vf, g, scale, dyf)
+    else:
+        b = min(block_size or gpu_block_size(n), n)
+        grads = _blockwise.backward(cp, qf, kf, vf, g, b, scale, dyf, y=yf, stream=_stream())
+    dq, dk, dvv, dg = grads
+    out = [
+        _unbroadcast(x.reshape(batch + x.shape[-2:]), shp).astype(out_dt, copy=False)
+        for x, shp in zip((dq, dk, dvv), shapes)
+    ]
+    if return_dgamma:
+        out.append(_unbroadcast(dg.reshape(batch), gamma_shape).astype(dt, copy=False))
+    return tuple(out)
+
+
+def block_mass(q, k, block_size, scale=None, *, topk=0):
+    raise NotImplementedError(
+        "resolvent.block_mass is not implemented on the GPU backend (it is a diagnostic, not a hot "
+        "path); pass CPU arrays (cupy.asnumpy(q), x.cpu() in PyTorch)"
+    )
+
+
+def solve_vjp(*args, **kwargs):
+    raise NotImplementedError(
+        "resolvent.solve_vjp is not implemented on the GPU backend yet; pass CPU arrays"
+    )
+
+
+def chain_vjp(*args, **kwargs):
+    raise NotImplementedError(
+        "resolvent.chain_vjp is not implemented on the GPU backend yet; pass CPU arrays"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# linear solves
+
+
+def solve(A, B, *, z=1.0, method="auto", block_size=None, tol=None, maxiter=None, lower=False,
+          check_finite=True, return_info=False):
+    from ..linalg._solve import METHODS as SOLVE_METHODS
+    from ..linalg._solve import _check_scalar
+    from ._linalg import prepare, relative_residual, solve_direct
+
+    method = check_choice(method, "method", SOLVE_METHODS)
+    check_positive_int(block_size, "block_size")
+    check_positive_int(maxiter, "maxiter")
+    z = _check_scalar(z, "z")
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < np.inf):
+        raise ValueError(f"tol must be a positive finite real number or None, got {tol!r}")
+    if method in ("block_jacobi", "two_level"):
+        raise NotImplementedError(
+            f"method={method!r} is not implemented on the GPU backend; use method='direct' or 'auto' "
+            "(on the GPU 'auto' is a batched LU, or a blocked triangular solve with lower=True), or pass "
+            "CPU arrays"
+        )
+    A, B3, vector, dtype, batch = prepare(A, B, z, check_finite)
+    X = solve_direct(A, B3, z, lower, dtype, batch)
+    info = SolveInfo(True, 0, relative_residual(A, B3, X, z) if return_info else 0.0, "direct")
+    if vector:
+        X = X[..., 0]
+    return (X, info) if return_info else X
+
+
+def solve_shifts(A, B, zs, *, lower=False, check_finite=True):
+    from ._linalg import solve_shifts as _ss
+
+    return _ss(A, B, zs, lower=lower, check_finite=check_finite)
+
+
+def chain(A, V, gamma, *, method="auto", block_size=None, tol=None):
+    cp = _cp()
+    A = _as_float(A, "A", 2)
+    V = _as_float(V, "V", 1)
+    n = A.shape[-1]
+    if A.shape[-2] != n:
+        raise ValueError(f"A must be square with shape (..., n, n), got {A.shape}")
+    vector = V.ndim == 1
+    Vm = V[:, None] if vector else V
+    if Vm.shape[-2] != n:
+        raise ValueError(f"V must have shape (..., {n}) or (..., {n}, k) to match A {A.shape}, got {V.shape}")
+    try:
+        batch = np.broadcast_shapes(A.shape[:-2], Vm.shape[:-2])
+    except ValueError:
+        raise ValueError(f"batch dimensions of A {A.shape[:-2]} and V {Vm.shape[:-2]} do not broadcast") from None
+    dt = np.result_type(A.dtype, Vm.dtype)
+    gdt = np.result_type(dt, np.float32).type(0).real.dtype
+    g = cp.asnumpy(gamma) if isinstance(gamma, cp.ndarray) else gamma
+    g = cp.asarray(np.ascontiguousarray(check_gamma(g, batch, gdt)))[..., None, None]
+    U = A @ Vm
+    lower = not bool(cp.triu(A, 1).any())
+    X = solve(g * A, U, z=1.0, method="direct" if lower else method, block_size=block_size, tol=tol,
+              lower=lower)
+    Y = (1 - g) * X
+    return Y[..., 0] if vector else Y

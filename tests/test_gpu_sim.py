@@ -1,0 +1,157 @@
+"""The GPU backend's numba-cuda kernels under the CUDA simulator, against the float64 CPU results.
+
+The simulator must be switched on before ``numba.cuda`` is first imported, so the checks run in a
+child process with ``NUMBA_ENABLE_CUDASIM=1`` (this process may already hold the real
+``numba.cuda``).  The child runs the GPU glue with NumPy arrays (``xp = numpy``): the same kernels and
+host code as on a device, at tiny sizes (n <= 24, b <= 8), and reports relative errors as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("numba")
+if __import__("importlib").util.find_spec("numba.cuda") is None:  # pragma: no cover
+    pytest.skip("numba-cuda is not installed", allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHILD = textwrap.dedent(
+    r"""
+    import json, sys
+    import numpy as np
+    from scipy.linalg import solve_triangular
+    from numba import config
+    assert config.ENABLE_CUDASIM
+    from resolvent._gpu import _blockwise as GB, _kernels as K
+    from resolvent.attention import _blockwise as CB, _dense as CD
+
+    rng = np.random.default_rng(20261130)
+    out = {}
+
+    def rel(a, b):
+        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        if not np.all(np.isfinite(a)):
+            return float("inf")
+        return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
+
+    def inputs(B, n, d, dv, big=1.0):
+        q, k = big * rng.standard_normal((2, B, n, d))
+        v = rng.standard_normal((B, n, dv))
+        dy = rng.standard_normal((B, n, dv))
+        gam = rng.uniform(0.0, 0.95, B)
+        return q, k, v, dy, gam
+
+    # (B, n, d, dv, b, threads): non-multiple n, a single block (= dense), odd thread counts
+    cases = [(2, 11, 3, 2, 4, 32), (1, 24, 5, 3, 8, 7), (2, 9, 4, 5, 9, 16), (1, 17, 2, 1, 8, 32)]
+    for B, n, d, dv, b, nt in cases:
+        key = f"B{B}_n{n}_d{d}_dv{dv}_b{b}_nt{nt}"
+        q, k, v, dy, gam = inputs(B, n, d, dv)
+        scale = 0.7
+        y = GB.forward(np, q, k, v, gam, b, scale, nt=nt)
+        y_ref = CB._forward_numpy(q, k, v, gam, b, scale)
+        out[f"fwd64_{key}"] = rel(y, y_ref)
+        grads = GB.backward(np, q, k, v, gam, b, scale, dy, nt=nt)
+        X = y_ref / (1 - gam[:, None, None])
+        ref = CB._backward_numpy(q, k, v, gam, b, scale, dy, X)
+        out[f"bwd64_{key}"] = max(rel(a, r) for a, r in zip(grads, ref))
+        f32 = [x.astype(np.float32) for x in (q, k, v, gam, dy)]
+        y32 = GB.forward(np, *f32[:4], b, scale, nt=nt)
+        out[f"fwd32_{key}"] = rel(y32, y_ref)
+        g32 = GB.backward(np, *f32[:4], b, scale, f32[4], nt=nt)
+        out[f"bwd32_{key}"] = max(rel(a, r) for a, r in zip(g32, ref))
+        if b >= n:
+            out[f"dense_{key}"] = rel(y, CD.forward(q, k, v, gam, scale))
+        ones = np.ones((B, n, dv))
+        out[f"const_{key}"] = rel(GB.forward(np, q, k, ones, gam, b, scale, nt=nt), ones)
+
+    # scores of +-1e4 (float32) must not overflow
+    q, k, v, dy, gam = inputs(1, 12, 3, 2, big=60.0)
+    f32 = [x.astype(np.float32) for x in (q, k, v, gam)]
+    y32 = GB.forward(np, *f32, 4, 1.0, nt=16)
+    out["large_scores_finite"] = float(np.all(np.isfinite(y32)))
+    out["large_scores_rel"] = rel(y32, CB._forward_numpy(q, k, v, gam, 4, 1.0))
+
+    # every output element written: NaN-poisoned buffers into the kernels directly
+    B, n, d, dv, b = 2, 10, 3, 4, 4
+    q, k, v, dy, gam = inputs(B, n, d, dv)
+    m = -(-n // b)
+    c, W, sizes, _, _ = GB.pooled_scores(np, q, k, b, 0.5)
+    nan = lambda *s: np.full(s, np.nan)
+    X, h, rr, g = nan(B, n, dv), nan(B, n), nan(B, m, dv), nan(B, m)
+    K.forward_within(q, k, v, gam, b, 0.5, c, W @ sizes, W @ GB.block_sums(np, v, b), X, h, rr, g, nt=16)
+    out["poison_forward_all_written"] = float(all(np.isfinite(a).all() for a in (X, h, rr, g)))
+
+    # the blocked reduced solver across several diagonal blocks (block 4 instead of 64)
+    K.RED_NB = 4
+    for m, kcols in ((13, 3), (8, 1), (5, 10)):
+        L = np.tril(rng.uniform(0, 1, (2, m, m)), -1)
+        g = rng.uniform(0, 0.9 / m, (2, m))
+        R = rng.standard_normal((2, m, kcols))
+        Z = GB.solve_unit_lower(np, L, g, R, nt=16)
+        T = np.eye(m) - g[..., None] * L
+        ref = np.stack([solve_triangular(T[i], R[i], lower=True) for i in range(2)])
+        out[f"reduced_lower_m{m}_k{kcols}"] = rel(Z, ref)
+        U = np.swapaxes(L, -1, -2)
+        Zu = GB.solve_unit_upper(np, U, g, R, nt=16)
+        Tu = np.eye(m) - g[..., None] * U
+        refu = np.stack([solve_triangular(Tu[i], R[i], lower=False) for i in range(2)])
+        out[f"reduced_upper_m{m}_k{kcols}"] = rel(Zu, refu)
+        M = np.tril(rng.standard_normal((2, m, m))) + 3 * np.eye(m)
+        out[f"lower_solve_m{m}"] = rel(GB.lower_solve(np, M, R, nt=16), np.linalg.solve(M, R))
+
+    # the batched path for block sizes above the fused kernels' limit (limit set to 4 here)
+    K.MAX_BLOCK = 4
+    q, k, v, dy, gam = inputs(2, 14, 3, 2)
+    y = GB.forward(np, q, k, v, gam, 6, 0.6, nt=16)
+    y_ref = CB._forward_numpy(q, k, v, gam, 6, 0.6)
+    out["batched_fwd64"] = rel(y, y_ref)
+    grads = GB.backward(np, q, k, v, gam, 6, 0.6, dy, nt=16)
+    ref = CB._backward_numpy(q, k, v, gam, 6, 0.6, dy, y_ref / (1 - gam[:, None, None]))
+    out["batched_bwd64"] = max(rel(a, r) for a, r in zip(grads, ref))
+    print("RESULTS" + json.dumps(out))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def results():
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=600)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS")]
+    assert proc.returncode == 0 and line, f"simulator run failed:\n{proc.stdout}\n{proc.stderr}"
+    return json.loads(line[-1][len("RESULTS"):])
+
+
+def _keys(results, prefix):
+    keys = [k for k in results if k.startswith(prefix)]
+    assert keys, f"no results for {prefix}"
+    return keys
+
+
+@pytest.mark.parametrize("prefix, tol", [
+    ("fwd64_", 1e-10), ("bwd64_", 1e-10), ("dense_", 1e-10), ("const_", 1e-10),
+    ("fwd32_", 1e-4), ("bwd32_", 1e-4),
+    ("reduced_lower_", 1e-10), ("reduced_upper_", 1e-10), ("lower_solve_", 1e-10),
+    ("batched_fwd64", 1e-10), ("batched_bwd64", 1e-10),
+])
+def test_simulated_kernels_match_cpu_float64(results, prefix, tol):
+    bad = {k: results[k] for k in _keys(results, prefix) if not results[k] <= tol}
+    assert not bad, f"relative errors above {tol}: {bad}"
+
+
+def test_simulated_kernels_write_every_output(results):
+    assert results["poison_forward_all_written"] == 1.0
+
+
+def test_simulated_float32_survives_large_scores(results):
+    assert results["large_scores_finite"] == 1.0
+    assert results["large_scores_rel"] <= 1e-3
