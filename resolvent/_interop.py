@@ -6,8 +6,9 @@ that it also accepts PyTorch and JAX arrays (and any other object with ``__dlpac
 1. every argument is inspected; the *framework* of the call is that of its arrays with at least one
    dimension (0-d arrays, like a ``gamma`` or ``z`` tensor, are scalars and may come from anywhere);
 2. arguments of two frameworks, or on two devices, raise (``TypeError`` / ``ValueError``) naming
-   the arguments; an array on a device other than the CPU raises ``NotImplementedError`` until the
-   GPU backend exists;
+   the arguments; CUDA arrays go to the GPU backend (``resolvent._gpu.dispatch``, imported on first
+   use), which raises ``NotImplementedError`` naming what is missing when CuPy or numba-cuda is not
+   installed; any other non-CPU device raises ``NotImplementedError``;
 3. CPU arrays become NumPy arrays without a copy where DLPack allows it (``np.from_dlpack``; a torch
    tensor that requires grad is detached first, its data is shared), bfloat16 and float16 are
    converted to float32 in the caller's framework first (NumPy has no bfloat16);

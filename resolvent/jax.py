@@ -12,8 +12,8 @@ last blocks, which XLA's CPU backend runs no faster than the NumPy/Numba code an
 duplicate, and have to re-test, every forward *and* backward pass of the library.  A
 ``pure_callback`` hands the arrays (no copy on the CPU) to the tested NumPy implementation, and
 ``jax.custom_vjp`` routes the gradient to :func:`resolvent.chain_attention_vjp`, which keeps the
-forward's cost class.  The price: the call is opaque to XLA (no fusion across it, no GPU until the
-GPU backend exists, no forward-mode ``jax.jvp`` and no second derivatives).
+forward's cost class.  The price: the call is opaque to XLA (no fusion across it; it computes on the
+host, so arrays on a GPU make a round trip; no forward-mode ``jax.jvp`` and no second derivatives).
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ Imported on use (``import resolvent.torch``); importing ``resolvent`` alone neve
 
 The forward pass calls :func:`resolvent.chain_attention` and the backward pass
 :func:`resolvent.chain_attention_vjp` on the tensors' memory (shared with NumPy through DLPack, no
-copies for contiguous CPU tensors).  CPU tensors only for now: a CUDA tensor raises
-``NotImplementedError`` until the GPU backend exists.
+copies for contiguous CPU tensors).  CUDA tensors go through the same calls to the GPU backend
+(``resolvent._gpu``) where CuPy and numba-cuda are installed, and raise ``NotImplementedError``
+naming what is missing where they are not.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def chain_attention(q, k, v, gamma=0.9, *, method="blockwise", block_size=None, 
     ValueError
         As :func:`resolvent.chain_attention`.
     NotImplementedError
-        For CUDA tensors, until the GPU backend exists.
+        For CUDA tensors when the GPU backend (CuPy, numba-cuda) is not installed.
 
     Notes
     -----
