@@ -49,8 +49,8 @@ def _one_blas_thread():
     The loop below issues a few hundred small products and triangular solves; OpenBLAS threads
     them, and when the cores are shared its spinning threads wait on each other: on the 2-core
     benchmark machine under load, n = 4096 took 9.3 s with 2 BLAS threads and 0.18 s with one.
-    One thread is also no slower when the machine is quiet (``benchmarks/results/topk_scaling.md``).
-    The limit is process-wide while it lasts, as every BLAS thread setting is.
+    The cores are used instead by splitting the batch over threads (see :func:`forward`).  The
+    limit is process-wide while it lasts, as every BLAS thread setting is.
     """
     global _BLAS_CONTROLLER
     if _BLAS_CONTROLLER is None:
