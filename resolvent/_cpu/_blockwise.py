@@ -257,3 +257,71 @@ def backward_solve():
 
 def backward_grads():
     return _backward_grads
+
+
+@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _block_sums(x, b, out):  # pragma: no cover - compiled
+    """``out[p, I] = sum_{t in B_I} x[p, t]`` for x (B, n, c), out (B, m, c)."""
+    B, n, c = x.shape
+    m = (n + b - 1) // b
+    for job in numba.prange(B * m):
+        p = job // m
+        I = job - p * m
+        o = out[p, I]
+        o[:] = 0
+        for t in range(I * b, min(n, I * b + b)):
+            for a in range(c):
+                o[a] += x[p, t, a]
+
+
+@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _pooled_weights(sigma, sizes, floor, c, pooled):  # pragma: no cover - compiled
+    """In place, row by row: ``sigma`` (B, m, m) becomes ``W`` with ``W_IJ = exp(sigma_IJ - c_I)``
+    for ``J < I`` (0 where below ``floor`` or ``J >= I``), ``c_I = max_{J<I} sigma_IJ`` (0 for
+    block 0, which has no pooled part) and ``pooled_I = sum_J W_IJ n_J``."""
+    B, m, _ = sigma.shape
+    for job in numba.prange(B * m):
+        p = job // m
+        I = job - p * m
+        row = sigma[p, I]
+        cmax = -np.inf
+        for J in range(I):
+            cmax = max(cmax, row[J])
+        if I == 0:
+            cmax = 0.0
+        acc = 0.0
+        for J in range(I):
+            w = math.exp(row[J] - cmax)
+            if w < floor:
+                w = 0.0
+            row[J] = w
+            acc += w * sizes[J]
+        for J in range(I, m):
+            row[J] = 0.0
+        c[p, I] = cmax
+        pooled[p, I] = acc
+
+
+def block_sums(x, b):
+    B, n, c = x.shape
+    out = np.empty((B, (n + b - 1) // b, c), dtype=x.dtype)
+    _block_sums(x, b, out)
+    return out
+
+
+def pooled(q, k, v, b, scale):
+    """Cross-block quantities for the fused paths: ``c`` (B, m; 0 for block 0), ``W`` (B, m, m),
+    block sizes (m,), ``pooled = W n`` (B, m) and the block sums of ``v`` (B, m, dv)."""
+    B, n, _ = q.shape
+    dt = q.dtype
+    m = (n + b - 1) // b
+    sizes = np.full(m, b, dtype=dt)
+    sizes[-1] = n - (m - 1) * b
+    qbar = block_sums(q, b) / sizes[:, None]
+    kbar = block_sums(k, b) / sizes[:, None]
+    W = np.matmul(qbar, np.swapaxes(kbar, -1, -2))
+    W *= dt.type(scale)
+    c = np.empty((B, m), dtype=dt)
+    pw = np.empty((B, m), dtype=dt)
+    _pooled_weights(W, sizes, dt.type(np.finfo(dt).eps ** 2), c, pw)
+    return c, W, sizes, pw, block_sums(v, b), qbar, kbar

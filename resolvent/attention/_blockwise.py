@@ -148,22 +148,20 @@ def _forward_numpy(q, k, v, gamma, b, scale):
 
 
 def _forward_fused(q, k, v, gamma, b, scale):
-    from .._cpu._blockwise import combine, within_blocks
+    from .._cpu._blockwise import combine, pooled, within_blocks
 
     B, n, _ = q.shape
     dv = v.shape[-1]
     dt = q.dtype
-    c, W, sizes = pooled_scores(q, k, b, scale)
+    c, W, sizes, pooled_mass, vsum, _, _ = pooled(q, k, v, b, scale)
     m = W.shape[-1]
-    pooled = W @ sizes
-    P = W @ _pad_blocks(v, b, m).sum(axis=2)
-    c = np.where(np.isfinite(c), c, 0).astype(dt)  # block 0 has no pooled part; the kernel skips it
+    P = W @ vsum
     X = np.empty((B, n, dv), dtype=dt)
     h = np.empty((B, n), dtype=dt)
     rr = np.empty((B, m, dv), dtype=dt)
     g = np.empty((B, m), dtype=dt)
     gamma = gamma.astype(dt)
-    within_blocks()(q, k, v, gamma, b, dt.type(scale), c, pooled, P, X, h, rr, g)
+    within_blocks()(q, k, v, gamma, b, dt.type(scale), c, pooled_mass, P, X, h, rr, g)
     T = np.eye(m, dtype=dt) - g[..., None] * W
     Z = solve_triangular(T, rr, lower=True, unit_diagonal=True, check_finite=False)
     combine()(X, h, W @ Z, gamma, b)
@@ -196,16 +194,14 @@ def _add_per_block(x: np.ndarray, per_block: np.ndarray, b: int) -> None:
 
 def _backward_fused(q, k, v, gamma, b, scale, dy, X):
     """:func:`backward` with the block work in two fused Numba kernels (see ``resolvent._cpu``)."""
-    from .._cpu._blockwise import backward_grads, backward_solve
+    from .._cpu._blockwise import backward_grads, backward_solve, block_sums, pooled
 
     B, n, d = q.shape
     dvdim = v.shape[-1]
     dt = q.dtype
     g1 = gamma.astype(dt)
-    c, W, sizes = pooled_scores(q, k, b, scale)
+    c, W, sizes, pooled_mass, _, qbar, kbar = pooled(q, k, v, b, scale)
     m = W.shape[-1]
-    pooled = W @ sizes
-    c = np.where(np.isfinite(c), c, 0).astype(dt)
     dX = (1 - g1).reshape(B, 1, 1) * dy
     Dst = np.empty((B, m, b, b), dtype=dt)
     u = np.empty((B, n), dtype=dt)
@@ -213,7 +209,7 @@ def _backward_fused(q, k, v, gamma, b, scale, dy, X):
     hp = np.empty((B, n), dtype=dt)
     rr = np.empty((B, m, dvdim), dtype=dt)
     gdiag = np.empty((B, m), dtype=dt)
-    backward_solve()(q, k, g1, b, dt.type(scale), c, pooled, dX, Dst, u, G, hp, rr, gdiag)
+    backward_solve()(q, k, g1, b, dt.type(scale), c, pooled_mass, dX, Dst, u, G, hp, rr, gdiag)
     Wt = np.swapaxes(W, -1, -2)
     Tm = np.eye(m, dtype=dt) - gdiag[..., None] * Wt
     Z = solve_triangular(Tm, rr, lower=False, unit_diagonal=True, check_finite=False)
@@ -227,14 +223,12 @@ def _backward_fused(q, k, v, gamma, b, scale, dy, X):
     backward_grads()(q, k, v, X, g1, b, dt.type(scale), Dst, u, G, hp, Wt @ Z, dq, dk, dvv, Gu, a, Rsum, gdx)
     # the pooled scores: dsigma = W * (Gu Rsum^T - a n^T), through the block means
     dsigma = W * (Gu @ np.swapaxes(Rsum, -1, -2) - a[..., None] * sizes)
-    qbar = _pad_blocks(q, b, m).sum(axis=2) / sizes[:, None]
-    kbar = _pad_blocks(k, b, m).sum(axis=2) / sizes[:, None]
     dqbar = scale * (dsigma @ kbar) / sizes[:, None]
     dkbar = scale * (np.swapaxes(dsigma, -1, -2) @ qbar) / sizes[:, None]
     _add_per_block(dq, dqbar, b)
     _add_per_block(dk, dkbar, b)
     _add_per_block(dvv, Wt @ Gu, b)
-    Xsum = _pad_blocks(X, b, m).sum(axis=2)
+    Xsum = block_sums(X, b)
     dgamma = (-np.einsum("bij,bij->b", dy, X) + gdx.sum(axis=-1)
               + np.einsum("bmc,bmc->b", Gu, W @ Xsum))
     return dq, dk, dvv, dgamma
