@@ -137,7 +137,7 @@ def chain_attention(q, k, v, gamma=0.9, *, method="blockwise", block_size=None, 
         y = _attention.exact_forward(cp, qf, kf, vf, g, scale)
     else:
         b = min(block_size or gpu_block_size(n), n)
-        y = _blockwise.forward(cp, qf, kf, vf, g, b, scale, stream=_stream())
+        y = _blockwise.forward(cp, qf, kf, vf, g, b, scale)
     return y.reshape(batch + y.shape[-2:]).astype(out_dt, copy=False)
 
 
@@ -187,7 +187,7 @@ def chain_attention_vjp(q, k, v, gamma, dy, *, method="blockwise", block_size=No
         grads = _attention.exact_backward(cp, qf, kf, vf, g, scale, dyf)
     else:
         b = min(block_size or gpu_block_size(n), n)
-        grads = _blockwise.backward(cp, qf, kf, vf, g, b, scale, dyf, y=yf, stream=_stream())
+        grads = _blockwise.backward(cp, qf, kf, vf, g, b, scale, dyf, y=yf)
     dq, dk, dvv, dg = grads
     out = [
         _unbroadcast(x.reshape(batch + x.shape[-2:]), shp).astype(out_dt, copy=False)

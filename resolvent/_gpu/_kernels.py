@@ -27,7 +27,13 @@ import functools
 import math
 
 import numpy as np
-from numba import cuda
+
+if not hasattr(np, "row_stack"):  # pragma: no cover - NumPy >= 2.5 without the alias
+    # numba-cuda <= 0.30 registers an overload for np.row_stack when its typing context first loads
+    # (at the first kernel compile) and fails on NumPy 2.5, which removed that alias of vstack.
+    np.row_stack = np.vstack
+
+from numba import cuda  # noqa: E402
 
 __all__ = [
     "MAX_BLOCK",
@@ -341,6 +347,8 @@ def _forward_kernel(b, d, dvc, NT, dtype):
                 kind1 = 1
         acc0 = cuda.local.array(RPT, nbt)
         acc1 = cuda.local.array(RPT, nbt)
+        vv0 = cuda.local.array(RPT, nbt)  # the thread's rows of v: kept in registers, shifted with acc
+        vv1 = cuda.local.array(RPT, nbt)
         PI0 = ZERO
         PI1 = ZERO
         if kind0 == 0:
@@ -351,13 +359,17 @@ def _forward_kernel(b, d, dvc, NT, dtype):
             i = r0 + R * kk
             acc0[kk] = ZERO
             acc1[kk] = ZERO
+            vv0[kk] = ZERO
+            vv1[kk] = ZERO
             if i < T:
                 if kind0 == 0:
-                    acc0[kk] = us[i] * PI0 + S[i, i] * v[p, t0 + i, a0 + cc0]
+                    vv0[kk] = v[p, t0 + i, a0 + cc0]
+                    acc0[kk] = us[i] * PI0 + S[i, i] * vv0[kk]
                 elif kind0 == 1:
                     acc0[kk] = gam * us[i]
                 if kind1 == 0:
-                    acc1[kk] = us[i] * PI1 + S[i, i] * v[p, t0 + i, a0 + cc1]
+                    vv1[kk] = v[p, t0 + i, a0 + cc1]
+                    acc1[kk] = us[i] * PI1 + S[i, i] * vv1[kk]
                 elif kind1 == 1:
                     acc1[kk] = gam * us[i]
         cs0 = ZERO
@@ -368,9 +380,13 @@ def _forward_kernel(b, d, dvc, NT, dtype):
             if act and r0 == t % R:
                 x0 = acc0[0] * minv[t]
                 x1 = acc1[0] * minv[t]
+                v0 = vv0[0]
+                v1 = vv1[0]
                 for kk in range(RPT - 1):
                     acc0[kk] = acc0[kk + 1]
                     acc1[kk] = acc1[kk + 1]
+                    vv0[kk] = vv0[kk + 1]
+                    vv1[kk] = vv1[kk + 1]
                 acc0[RPT - 1] = ZERO
                 acc1[RPT - 1] = ZERO
                 base += R
@@ -378,14 +394,14 @@ def _forward_kernel(b, d, dvc, NT, dtype):
                 cs1 += x1
                 if kind0 == 0:
                     X[p, t0 + t, a0 + cc0] = x0
-                    wb[buf, cc0] = v[p, t0 + t, a0 + cc0] + gam * x0
+                    wb[buf, cc0] = v0 + gam * x0
                 elif kind0 == 1:
                     if a0 == 0:
                         h[p, t0 + t] = x0
                     wb[buf, cc0] = gam * x0
                 if kind1 == 0:
                     X[p, t0 + t, a0 + cc1] = x1
-                    wb[buf, cc1] = v[p, t0 + t, a0 + cc1] + gam * x1
+                    wb[buf, cc1] = v1 + gam * x1
                 elif kind1 == 1:
                     if a0 == 0:
                         h[p, t0 + t] = x1
@@ -424,8 +440,8 @@ def _stream_arg(stream):
 
 
 def _dev(*arrays):
-    """Device arrays for a launch: CuPy (any ``__cuda_array_interface__``) arrays are wrapped without
-    the synchronisation numba would otherwise do on their stream (the launch goes to the same
+    """Device arrays for a numba launch: CuPy (any ``__cuda_array_interface__``) arrays are wrapped
+    without the synchronisation numba would otherwise do on their stream (the launch goes to the same
     stream); NumPy arrays (the simulator) and numba device arrays pass through."""
     out = []
     for x in arrays:
@@ -433,6 +449,81 @@ def _dev(*arrays):
             x = cuda.from_cuda_array_interface(x.__cuda_array_interface__, owner=x, sync=False)
         out.append(x)
     return out
+
+
+def _is_cupy(x) -> bool:
+    return type(x).__module__.startswith("cupy")
+
+
+_FAST: dict = {}
+
+
+def _numba_argtype(x):
+    from numba.core import types
+
+    if _is_cupy(x):
+        return types.Array(_numba_type(x.dtype), x.ndim, "C")
+    if isinstance(x, (np.floating,)):
+        return _numba_type(x.dtype)
+    if isinstance(x, (int, np.integer)):
+        return types.int64
+    raise TypeError(f"unsupported kernel argument {type(x)}")
+
+
+def _fast_function(kern, argtypes):
+    """The kernel compiled once by numba to PTX, loaded by CuPy: a launch then costs what a CuPy
+    ``RawKernel`` launch costs, not numba's per-argument dispatch (about 50x more here)."""
+    import re
+
+    import cupy
+
+    key = (id(kern), argtypes)
+    fn = _FAST.get(key)
+    if fn is None:
+        ptx, _ = cuda.compile_ptx_for_current_device(kern.py_func, argtypes)
+        name = re.search(r"\.entry\s+([\w$]+)\s*\(", ptx).group(1)
+        mod = cupy.cuda.function.Module()
+        mod.load(ptx.encode())
+        fn = (mod, mod.get_function(name))
+        _FAST[key] = fn
+    return fn[1]
+
+
+def _flatten(args):
+    """numba's kernel ABI: an array is (meminfo, parent, nitems, itemsize, data, shape..., strides...)."""
+    flat = []
+    for x in args:
+        if _is_cupy(x):
+            flat += [np.uint64(0), np.uint64(0), np.int64(x.size), np.int64(x.itemsize), np.uint64(x.data.ptr)]
+            flat += [np.int64(n) for n in x.shape]
+            flat += [np.int64(st) for st in x.strides]
+        elif isinstance(x, (int, np.integer)) and not isinstance(x, np.floating):
+            flat.append(np.int64(x))
+        else:
+            flat.append(x)
+    return flat
+
+
+def _launch(kern, grid, nthreads, stream, args):
+    """Launch ``kern``: CuPy arrays through the fast path on CuPy's current stream; NumPy arrays
+    (the simulator) and anything else through numba."""
+    grid = grid if isinstance(grid, tuple) else (grid,)
+    arrays = [a for a in args if hasattr(a, "shape") and not isinstance(a, np.generic)]
+    if not _simulated() and arrays and all(_is_cupy(a) and a.flags.c_contiguous for a in arrays):
+        import cupy
+
+        argtypes = tuple(_numba_argtype(a) for a in args)
+        fn = _fast_function(kern, argtypes)
+        grid3 = tuple(grid) + (1,) * (3 - len(grid))
+        fn(grid3, (nthreads, 1, 1), tuple(_flatten(args)), stream=cupy.cuda.get_current_stream())
+        return
+    if stream is None and not _simulated() and any(_is_cupy(a) for a in arrays):
+        import cupy
+
+        stream = cuda.external_stream(cupy.cuda.get_current_stream().ptr)
+    conv = iter(_dev(*arrays))
+    args = [next(conv) if (hasattr(a, "shape") and not isinstance(a, np.generic)) else a for a in args]
+    kern[grid, nthreads, _stream_arg(stream)](*args)
 
 
 def forward_within(q, k, v, gamma, b, scale, c, pooled, P, X, h, rr, g, *, stream=None, nt=None):
@@ -445,37 +536,38 @@ def forward_within(q, k, v, gamma, b, scale, c, pooled, P, X, h, rr, g, *, strea
     dvc = min(DVC, dv)
     kern = _forward_kernel(b, d, dvc, NT, np.dtype(q.dtype))
     grid = (B * m, _cdiv(dv, dvc))
-    a = _dev(q, k, v, gamma, c, pooled, P, X, h, rr, g)
-    kern[grid, NT, _stream_arg(stream)](*a[:4], q.dtype.type(scale), *a[4:])
+    _launch(kern, grid, NT, stream, (q, k, v, gamma, q.dtype.type(scale), c, pooled, P, X, h, rr, g))
 
 
 @functools.cache
-def _combine_kernel(dtype):
+def _combine_kernel(dtype, NT):
+    ONE = np.dtype(dtype).type(1)
+
     @cuda.jit
     def kernel(X, h, WZ, gamma, b):
-        B = X.shape[0]
         n = X.shape[1]
         dv = X.shape[2]
-        total = B * n * dv
-        start = cuda.grid(1)
-        step = cuda.gridsize(1)
-        for e in range(start, total, step):
-            a = e % dv
-            r = e // dv
-            t = r % n
-            p = r // n
-            X[p, t, a] = (1 - gamma[p]) * (X[p, t, a] + h[p, t] * WZ[p, t // b, a])
+        m = (n + b - 1) // b
+        p = cuda.blockIdx.x // m
+        I = cuda.blockIdx.x - p * m
+        t0 = I * b
+        T = min(n - t0, b)
+        if p >= X.shape[0]:
+            return
+        om = ONE - gamma[p]
+        for e in range(cuda.threadIdx.x, T * dv, NT):
+            i = e // dv
+            a = e - i * dv
+            X[p, t0 + i, a] = om * (X[p, t0 + i, a] + h[p, t0 + i] * WZ[p, I, a])
 
     return kernel
 
 
 def combine(X, h, WZ, gamma, b, *, stream=None, nt=None):
-    """In place: ``X <- (1 - gamma) (X + h * E (W Z))``."""
+    """In place: ``X <- (1 - gamma) (X + h * E (W Z))``; one thread block per (batch entry, block)."""
     B, n, dv = X.shape
     NT = threads(nt)
-    total = B * n * dv
-    blocks = max(1, min(_cdiv(total, NT), 4096 if not _simulated() else 2))
-    _combine_kernel(np.dtype(X.dtype))[blocks, NT, _stream_arg(stream)](*_dev(X, h, WZ, gamma), b)
+    _launch(_combine_kernel(np.dtype(X.dtype), NT), B * _cdiv(n, b), NT, stream, (X, h, WZ, gamma, int(b)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -629,8 +721,7 @@ def backward_solve(q, k, gamma, b, scale, c, pooled, dX, Dst, u, G0, hp, rr, gd,
     dvc = min(DVC, dv)
     kern = _backward_solve_kernel(b, d, dvc, NT, np.dtype(q.dtype))
     grid = (B * m, _cdiv(dv, dvc))
-    a = _dev(q, k, gamma, c, pooled, dX, Dst, u, G0, hp, rr, gd)
-    kern[grid, NT, _stream_arg(stream)](*a[:3], q.dtype.type(scale), *a[3:])
+    _launch(kern, grid, NT, stream, (q, k, gamma, q.dtype.type(scale), c, pooled, dX, Dst, u, G0, hp, rr, gd))
 
 
 @functools.cache
@@ -722,8 +813,8 @@ def backward_grads(q, k, v, X, gamma, b, scale, Dst, u, G, hp, WtZ, dq, dk, dvv,
     m = _cdiv(n, b)
     NT = threads(nt)
     kern = _backward_grads_kernel(b, d, dv, NT, np.dtype(q.dtype))
-    a = _dev(q, k, v, X, gamma, Dst, u, G, hp, WtZ, dq, dk, dvv, Gu, asum, Rsum, gdx)
-    kern[B * m, NT, _stream_arg(stream)](*a[:5], q.dtype.type(scale), *a[5:])
+    _launch(kern, B * m, NT, stream, (q, k, v, X, gamma, q.dtype.type(scale), Dst, u, G, hp, WtZ, dq, dk, dvv,
+                                      Gu, asum, Rsum, gdx))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -812,7 +903,7 @@ def diag_block_inverse(L, g, out, *, stream=None, nt=None, nb=RED_NB):
     B, m, _ = L.shape
     NT = threads(nt)
     mb = _cdiv(m, nb)
-    _diag_inverse_kernel(nb, NT, np.dtype(L.dtype))[B * mb, NT, _stream_arg(stream)](*_dev(L, g, out))
+    _launch(_diag_inverse_kernel(nb, NT, np.dtype(L.dtype)), B * mb, NT, stream, (L, g, out))
 
 
 @functools.cache
@@ -903,4 +994,4 @@ def reduced_solve(L, g, R, Dinv, Z, *, stream=None, nt=None, nb=RED_NB):
     NT = threads(nt)
     cw = min(RED_CW, k)
     kern = _reduced_solve_kernel(nb, cw, RED_KT, NT, np.dtype(L.dtype))
-    kern[(B, _cdiv(k, cw)), NT, _stream_arg(stream)](*_dev(L, g, R, Dinv, Z))
+    _launch(kern, (B, _cdiv(k, cw)), NT, stream, (L, g, R, Dinv, Z))

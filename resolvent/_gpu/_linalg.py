@@ -107,7 +107,6 @@ def _check_diagonal(M, what):
 def triangular(M, B, lower, what):
     """``M^{-1} B`` for triangular ``M`` (real: blocked kernels; complex: batched LU)."""
     cp = _cp()
-    from ._api import _stream
     from ._blockwise import lower_solve
 
     _check_diagonal(M, what)
@@ -119,7 +118,7 @@ def triangular(M, B, lower, what):
         X = cp.linalg.solve(Mb, Bb)
     else:
         Mb = cp.tril(Mb) if lower else cp.triu(Mb)
-        X = lower_solve(cp, Mb, Bb, lower=lower, stream=_stream())
+        X = lower_solve(cp, Mb, Bb, lower=lower)
     X = X.reshape(batch + (n, k))
     check_solution(M, X, B, what)
     return X

@@ -1,0 +1,420 @@
+"""The GPU backend on a real device: correctness, sanitizers, timings (one script, one device call).
+
+Run from the repository root, no install needed::
+
+    PYTHONPATH=. python3 benchmarks/gpu_bench.py [--out DIR] [--quick]
+
+1. prints the GPU and driver; 2. checks every method (forward and backward; dense, exact,
+blockwise) against the float64 CPU result at small sizes (relative 1e-4 in float32); 3. runs
+``tests/test_gpu_cupy.py``; 4. runs ``compute-sanitizer`` (memcheck, racecheck) over a small
+invocation of the kernels; 5. times with CUDA events (median of many runs after warm-up) at d = 64,
+float32: blockwise forward and backward, exact forward, PyTorch's dense chain attention (softmax then
+``torch.linalg.solve_triangular``) and ``scaled_dot_product_attention`` in float32 and bfloat16, with
+the floor of each shape (bytes over the measured copy bandwidth, flops over the measured float32
+matmul rate).  Writes the markdown report to ``DIR/gpu_h200_<date>.md`` (``$OUT`` by default).
+
+``--sanitize-target`` is the small invocation the sanitizers run (internal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+
+import numpy as np
+
+os.environ.setdefault("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "0")  # this script only: quiet small grids
+SHAPES = [(64, 1024), (64, 4096), (16, 8192), (4, 16384), (1, 65536)]
+D = 64
+LINES: list[str] = []
+
+
+def say(s=""):
+    print(s, flush=True)
+    LINES.append(s)
+
+
+def section(title):
+    say("")
+    say(f"## {title}")
+    say("")
+
+
+def gpu_info():
+    section("Device")
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm",
+                              "--format=csv"], capture_output=True, text=True, timeout=60).stdout
+        for ln in out.strip().splitlines():
+            say(f"    {ln}")
+    except Exception as exc:  # pragma: no cover - device only
+        say(f"nvidia-smi failed: {exc}")
+    import cupy
+    import numba
+    import torch
+
+    say(f"- cupy {cupy.__version__}, numba {numba.__version__}, torch {torch.__version__}, "
+        f"numpy {np.__version__}, python {sys.version.split()[0]}")
+    say(f"- compute-sanitizer: {shutil.which('compute-sanitizer')}")
+
+
+def rel(a, b):
+    import cupy
+
+    a = cupy.asnumpy(a).astype(np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if not np.all(np.isfinite(a)):
+        return float("inf")
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+def correctness():
+    section("Correctness against the float64 CPU result (relative Frobenius error)")
+    import cupy
+
+    import resolvent
+
+    rng = np.random.default_rng(7)
+    say("| method | shape (B, n, d) | block | fwd f32 | bwd f32 (max of dq, dk, dv) | fwd f64 | bwd f64 | ok |")
+    say("|---|---|---|---|---|---|---|---|")
+    all_ok = True
+    cases = [("dense", 2, 300, 64, None), ("exact", 2, 600, 64, None), ("blockwise", 3, 1000, 64, None),
+             ("blockwise", 2, 700, 32, 40), ("blockwise", 1, 4500, 64, 64), ("blockwise", 2, 260, 16, 100)]
+    for method, B, n, d, b in cases:
+        q, k, v = rng.standard_normal((3, B, n, d))
+        dy = rng.standard_normal((B, n, d))
+        gam = rng.uniform(0.5, 0.95, B)
+        kw = dict(method=method, block_size=b)
+        y_ref = resolvent.chain_attention(q, k, v, gam, **kw)
+        g_ref = resolvent.chain_attention_vjp(q, k, v, gam, dy, **kw)
+        row = []
+        for dt, tol in ((np.float32, 1e-4), (np.float64, 1e-10)):
+            qc, kc, vc, dyc = (cupy.asarray(x.astype(dt)) for x in (q, k, v, dy))
+            gc = cupy.asarray(gam.astype(dt))
+            y = resolvent.chain_attention(qc, kc, vc, gc, **kw)
+            gr = resolvent.chain_attention_vjp(qc, kc, vc, gc, dyc, **kw)
+            ef = rel(y, y_ref)
+            eb = max(rel(a, r) for a, r in zip(gr, g_ref))
+            ok = ef <= tol and eb <= tol and isinstance(y, cupy.ndarray)
+            all_ok &= ok
+            row.append((ef, eb, ok))
+        say(f"| {method} | ({B}, {n}, {d}) | {b or 'default'} | {row[0][0]:.1e} | {row[0][1]:.1e} | "
+            f"{row[1][0]:.1e} | {row[1][1]:.1e} | {'yes' if row[0][2] and row[1][2] else 'NO'} |")
+    say("")
+    say(f"All within 1e-4 (float32) and 1e-10 (float64): {'yes' if all_ok else 'NO'}")
+    return all_ok
+
+
+def run_pytest():
+    section("tests/test_gpu_cupy.py")
+    p = subprocess.run([sys.executable, "-m", "pytest", "tests/test_gpu_cupy.py", "-q", "-p", "no:cacheprovider"],
+                       capture_output=True, text=True, timeout=400)
+    tail = (p.stdout + p.stderr).strip().splitlines()[-15:]
+    for ln in tail:
+        say(f"    {ln}")
+    return p.returncode == 0
+
+
+def sanitize_target():
+    import cupy
+
+    import resolvent
+
+    rng = np.random.default_rng(1)
+    for B, n, d, b in ((2, 200, 64, 64), (1, 4200, 64, 64), (2, 90, 48, 24)):
+        q, k, v, dy = (cupy.asarray(x) for x in rng.standard_normal((4, B, n, d)).astype(np.float32))
+        y = resolvent.chain_attention(q, k, v, 0.9, block_size=b)
+        resolvent.chain_attention_vjp(q, k, v, 0.9, dy, block_size=b, y=y)
+    cupy.cuda.Device().synchronize()
+    print("sanitize target done")
+
+
+def run_sanitizers():
+    section("compute-sanitizer")
+    cs = shutil.which("compute-sanitizer")
+    if cs is None:
+        say("compute-sanitizer not found")
+        return False
+    ok = True
+    for tool in ("memcheck", "racecheck"):
+        t0 = time.time()
+        try:
+            p = subprocess.run([cs, "--tool", tool, "--error-exitcode", "9", sys.executable, __file__,
+                                "--sanitize-target"], capture_output=True, text=True, timeout=int(os.environ.get('SANITIZE_TIMEOUT', 150)),
+                               env=dict(os.environ, NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS="0"))  # noqa: E501
+            text = (p.stdout + p.stderr).strip().splitlines()
+            summary = [ln for ln in text if ln.startswith("=========") and "Host Frame" not in ln
+                       and "backtrace" not in ln and ln.strip("= ")][:8]
+            done = any("sanitize target done" in ln for ln in text)
+            good = p.returncode == 0 and done
+            ok &= good
+            say(f"- {tool}: exit {p.returncode}, target finished: {done}, {time.time() - t0:.0f} s")
+            for ln in summary:
+                say(f"    {ln}")
+            if not good:
+                for ln in text[-12:]:
+                    say(f"    {ln}")
+        except subprocess.TimeoutExpired:
+            ok = False
+            say(f"- {tool}: timed out after {time.time() - t0:.0f} s")
+    return ok
+
+
+def time_events(fn, *, warmup=3, reps=30, budget_s=3.0, torch_mode=False):
+    """Median time in ms of ``fn()`` by CUDA events, on the current stream."""
+    if torch_mode:
+        import torch
+
+        for _ in range(warmup):
+            fn()
+        torch.cuda.synchronize()
+        times = []
+        t_end = time.time() + budget_s
+        while len(times) < reps and (time.time() < t_end or len(times) < 3):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        return float(np.median(times))
+    import cupy
+
+    for _ in range(warmup):
+        fn()
+    cupy.cuda.Device().synchronize()
+    times = []
+    t_end = time.time() + budget_s
+    while len(times) < reps and (time.time() < t_end or len(times) < 3):
+        a, b = cupy.cuda.Event(), cupy.cuda.Event()
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(a, b))
+    return float(np.median(times))
+
+
+def time_graph(fn, **kw):
+    """Median ms of replaying ``fn`` captured as a CUDA graph: the device time without Python's launch
+    overhead (``nan`` when capture fails: CuPy 14 refuses cuBLAS calls during capture, so only the
+    stages without a matmul, the numba kernels, are measured this way)."""
+    import cupy
+
+    st = cupy.cuda.Stream(non_blocking=True)
+    try:
+        with st:
+            fn()
+            fn()
+            st.synchronize()
+            st.begin_capture()
+            fn()
+            graph = st.end_capture()
+            return time_events(lambda: graph.launch(stream=st), **kw)
+    except Exception as exc:
+        say(f"graph capture failed: {exc!r}")
+        return float("nan")
+
+
+def breakdown(B, n):
+    """Device time of each stage of the blockwise forward (graph replay of each stage alone)."""
+    import cupy
+
+    from resolvent._gpu import _api as gapi
+    from resolvent._gpu import _blockwise as GB
+    from resolvent._gpu import _kernels as K
+
+    rng = np.random.default_rng(3)
+    q, k, v = (cupy.asarray(rng.standard_normal((B, n, D), dtype=np.float32)) for _ in range(3))
+    gvec = cupy.full(B, 0.9, dtype=cupy.float32)
+    b = gapi.gpu_block_size(n)
+    m = -(-n // b)
+    c, W, sizes, _, _ = GB.pooled_scores(cupy, q, k, b, 0.125)
+    pooled = W @ sizes
+    P = W @ GB.block_sums(cupy, v, b)
+    X = cupy.empty_like(v)
+    h = cupy.empty((B, n), dtype=cupy.float32)
+    rr = cupy.empty((B, m, D), dtype=cupy.float32)
+    g = cupy.empty((B, m), dtype=cupy.float32)
+    K.forward_within(q, k, v, gvec, b, 0.125, c, pooled, P, X, h, rr, g)
+    Z = GB.solve_unit_lower(cupy, W, g, rr)
+    stages = {
+        "pooled scores (cupy)": lambda: (GB.pooled_scores(cupy, q, k, b, 0.125), W @ sizes,
+                                         W @ GB.block_sums(cupy, v, b)),
+        "within-block kernel": lambda: K.forward_within(q, k, v, gvec, b, 0.125, c, pooled, P, X, h, rr, g),
+        "reduced solve (2 kernels)": lambda: GB.solve_unit_lower(cupy, W, g, rr),
+        "W Z + combine": lambda: K.combine(X, h, W @ Z, gvec, b),
+    }
+    say(f"Stage breakdown of the blockwise forward at {(B, n)}, b = {b}, m = {m} (graph replay, ms):")
+    for name, fn in stages.items():
+        say(f"- {name}: {time_graph(fn):.3f}")
+    try:
+        regs = sorted({fn[1].num_regs for fn in K._FAST.values()})
+        say(f"- registers per thread of the loaded kernels: {regs}")
+    except Exception as exc:
+        say(f"- register counts unavailable: {exc!r}")
+    say("")
+
+
+def ceilings():
+    import cupy
+
+    x = cupy.empty(1 << 29, dtype=cupy.float32)  # 2 GiB
+    x[...] = 1
+    y = cupy.empty_like(x)
+    t = time_events(lambda: cupy.copyto(y, x), reps=20)
+    bw = 2 * x.nbytes / (t * 1e-3)
+    a = cupy.random.standard_normal((8192, 8192), dtype=cupy.float32)
+    bm = cupy.random.standard_normal((8192, 8192), dtype=cupy.float32)
+    tm = time_events(lambda: a @ bm, reps=10)
+    rate = 2 * 8192**3 / (tm * 1e-3)
+    del x, y, a, bm
+    cupy.get_default_memory_pool().free_all_blocks()
+    return bw, rate
+
+
+def timings(quick=False):
+    section("Timings (d = 64, float32 unless noted; median ms by CUDA events)")
+    import cupy
+    import torch
+    import torch.nn.functional as F
+
+    import resolvent
+    from resolvent._gpu import _api as gapi
+    from resolvent._gpu import _blockwise as GB
+
+    bw, rate = ceilings()
+    say(f"Measured ceilings: device copy {bw / 1e12:.2f} TB/s (read + write), float32 matmul "
+        f"(cuBLAS via CuPy, 8192^3) {rate / 1e12:.1f} TFLOP/s")
+    say("")
+    rows = []
+    shapes = SHAPES[:2] if quick else SHAPES
+    for B, n in shapes:
+        rng = np.random.default_rng(n)
+        q, k, v, dy = (cupy.asarray(rng.standard_normal((B, n, D), dtype=np.float32)) for _ in range(4))
+        gam = 0.9
+        b = gapi.gpu_block_size(n)
+        m = -(-n // b)
+        r = {"shape": (B, n), "b": b}
+        y = resolvent.chain_attention(q, k, v, gam)
+        r["bw_fwd"] = time_events(lambda: resolvent.chain_attention(q, k, v, gam))
+        gvec = cupy.full(B, gam, dtype=cupy.float32)
+        r["bw_core"] = time_events(lambda: GB.forward(cupy, q, k, v, gvec, b, 1 / 8))
+        r["bw_bwd"] = time_events(lambda: resolvent.chain_attention_vjp(q, k, v, gam, dy, y=y))
+        r["bw_graph"] = time_graph(lambda: GB.forward(cupy, q, k, v, gvec, b, 1 / 8))
+        r["bwd_graph"] = time_graph(lambda: GB.backward(cupy, q, k, v, gvec, b, 1 / 8, dy, y=y))
+        try:
+            r["exact_fwd"] = time_events(lambda: resolvent.chain_attention(q, k, v, gam, method="exact"),
+                                         warmup=1, reps=5, budget_s=4.0)
+        except Exception as exc:
+            r["exact_fwd"] = float("nan")
+            say(f"exact at {(B, n)} failed: {exc!r}")
+        tq, tk, tv = (torch.from_dlpack(x) for x in (q, k, v))
+        fits = B * n * n * 4 * 6 < 100e9
+        if fits:
+            def torch_dense():
+                s = (tq @ tk.transpose(-1, -2)) / 8.0
+                s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=s.device).tril(), float("-inf"))
+                A = torch.softmax(s, dim=-1)
+                M = torch.eye(n, device=s.device) - gam * A
+                return (1 - gam) * torch.linalg.solve_triangular(M, A @ tv, upper=False)
+            try:
+                r["torch_dense"] = time_events(torch_dense, warmup=1, reps=5, budget_s=4.0, torch_mode=True)
+            except Exception as exc:
+                r["torch_dense"] = float("nan")
+                say(f"torch dense at {(B, n)} failed: {exc!r}")
+            torch.cuda.empty_cache()
+        else:
+            r["torch_dense"] = float("nan")
+        tq4, tk4, tv4 = (x.view(B, 1, n, D) for x in (tq, tk, tv))
+        r["sdpa32"] = time_events(lambda: F.scaled_dot_product_attention(tq4, tk4, tv4, is_causal=True),
+                                  torch_mode=True)
+        bq, bk, bv = (x.bfloat16() for x in (tq4, tk4, tv4))
+        r["sdpa16"] = time_events(lambda: F.scaled_dot_product_attention(bq, bk, bv, is_causal=True),
+                                  torch_mode=True)
+        # floors: each input read once, the output written once; flops of the within-block work
+        # (causal halves: scores n b/2 d, U and the solve n b/2 (2 dv + 1)) and of the reduced system
+        fbytes = 4 * B * n * D * 4
+        fflops = 2 * B * (n * b / 2 * (D + 2 * D + 1) + m * m / 2 * (D + 2 * D) + m * m * D)
+        r["floor_fwd"] = max(fbytes / bw, fflops / rate) * 1e3
+        bbytes = 8 * B * n * D * 4
+        r["floor_bwd"] = max(bbytes / bw, 3 * fflops / rate) * 1e3
+        rows.append(r)
+        say(f"{(B, n)}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items() if isinstance(v, float)))
+        del q, k, v, dy, y, tq, tk, tv
+        cupy.get_default_memory_pool().free_all_blocks()
+        torch.cuda.empty_cache()
+    say("")
+    for B, n in ((64, 4096), (1, 65536)):
+        breakdown(B, n)
+    say("Device time of the blockwise core (CUDA-graph replay, no Python launch overhead), ms:")
+    say("")
+    say("| (B·H, n) | fwd (graph) | bwd (graph) | bwd/fwd | fwd vs SDPA f32 | fwd vs SDPA bf16 | fwd gap to floor |")
+    say("|---|---|---|---|---|---|---|")
+    for r in rows:
+        fg = r["bw_graph"]
+        say(f"| {r['shape']} | {fg:.3f} | {r['bwd_graph']:.3f} | {r['bwd_graph'] / fg:.1f} | "
+            f"{r['sdpa32'] / fg:.1f}x | {r['sdpa16'] / fg:.1f}x | {fg / r['floor_fwd']:.1f}x |")
+    say("")
+    say("Public API call (validation, finiteness check with one synchronisation, Python launches), ms:")
+    say("")
+    say("| (B·H, n) | b | blockwise fwd | (core, no checks) | blockwise bwd | bwd/fwd | exact fwd | torch dense chain "
+        "| SDPA f32 | SDPA bf16 | dense/blockwise | SDPA f32/blockwise | SDPA bf16/blockwise | floor fwd | gap fwd "
+        "| floor bwd | gap bwd |")
+    say("|" + "---|" * 17)
+    for r in rows:
+        f = r["bw_fwd"]
+        say(f"| {r['shape']} | {r['b']} | {f:.3f} | {r['bw_core']:.3f} | {r['bw_bwd']:.3f} | "
+            f"{r['bw_bwd'] / f:.1f} | {r['exact_fwd']:.2f} | {r['torch_dense']:.2f} | {r['sdpa32']:.3f} | "
+            f"{r['sdpa16']:.3f} | {r['torch_dense'] / f:.0f}x | {r['sdpa32'] / f:.1f}x | {r['sdpa16'] / f:.1f}x | "
+            f"{r['floor_fwd']:.3f} | {f / r['floor_fwd']:.1f}x | {r['floor_bwd']:.3f} | "
+            f"{r['bw_bwd'] / r['floor_bwd']:.1f}x |")
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--skip", default="", help="comma list of: correctness,pytest,sanitize,timings")
+    ap.add_argument("--sanitize-target", action="store_true")
+    args = ap.parse_args()
+    if args.sanitize_target:
+        sanitize_target()
+        return
+    skip = set(filter(None, args.skip.split(",")))
+    date = datetime.date.today().isoformat()
+    say(f"# resolvent GPU backend on an NVIDIA H200, {date}")
+    say("")
+    say("Produced by `PYTHONPATH=. python3 benchmarks/gpu_bench.py` (one device call).")
+    status = {}
+    for name, fn in (("device", gpu_info), ("correctness", correctness), ("pytest", run_pytest),
+                     ("timings", lambda: timings(args.quick)), ("sanitize", run_sanitizers)):
+        if name in skip:
+            continue
+        t0 = time.time()
+        try:
+            status[name] = fn()
+        except Exception:
+            status[name] = False
+            say("```")
+            for ln in traceback.format_exc().splitlines():
+                say(ln)
+            say("```")
+        print(f"[{name}: {time.time() - t0:.0f} s]", flush=True)
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, f"gpu_h200_{date}.md")
+        with open(path, "w") as fh:  # after every section: a run cut short still leaves its report
+            fh.write("\n".join(LINES) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""The GPU backend on CuPy arrays (and PyTorch CUDA tensors): skipped without CuPy or a device.
+
+Every result is compared with the float64 CPU result of the same method; outputs must stay on the
+device, in the caller's framework.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+cupy = pytest.importorskip("cupy")
+pytest.importorskip("numba.cuda")
+try:
+    if cupy.cuda.runtime.getDeviceCount() < 1:  # pragma: no cover - device only
+        pytest.skip("no CUDA device", allow_module_level=True)
+except cupy.cuda.runtime.CUDARuntimeError:  # pragma: no cover
+    pytest.skip("no CUDA device", allow_module_level=True)
+
+import resolvent  # noqa: E402
+
+
+def rel(a, b):
+    a = cupy.asnumpy(a).astype(np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20261130)
+
+
+@pytest.mark.parametrize("method, n, b", [("dense", 130, None), ("exact", 300, None), ("blockwise", 300, None),
+                                          ("blockwise", 250, 48), ("blockwise", 200, 96), ("blockwise", 100, 100)])
+@pytest.mark.parametrize("dt, tol", [(np.float32, 1e-4), (np.float64, 1e-10)])
+def test_forward_and_backward_match_cpu(rng, method, n, b, dt, tol):
+    q, k, v = rng.standard_normal((3, 2, 3, n, 16))
+    dy = rng.standard_normal((2, 3, n, 16))
+    gam = rng.uniform(0, 0.95, (2, 3))
+    kw = dict(method=method, block_size=b)
+    y_ref = resolvent.chain_attention(q, k, v, gam, **kw)
+    g_ref = resolvent.chain_attention_vjp(q, k, v, gam, dy, return_dgamma=True, **kw)
+    qc, kc, vc, dyc = (cupy.asarray(x.astype(dt)) for x in (q, k, v, dy))
+    y = resolvent.chain_attention(qc, kc, vc, cupy.asarray(gam.astype(dt)), **kw)
+    assert isinstance(y, cupy.ndarray) and y.dtype == dt
+    assert rel(y, y_ref) <= tol
+    grads = resolvent.chain_attention_vjp(qc, kc, vc, cupy.asarray(gam.astype(dt)), dyc, return_dgamma=True,
+                                           **kw)
+    for gg, gr in zip(grads, g_ref):
+        assert isinstance(gg, cupy.ndarray)
+        assert rel(gg, gr) <= tol
+
+
+def test_blockwise_full_block_is_dense(rng):
+    q, k, v = (cupy.asarray(x) for x in rng.standard_normal((3, 2, 64, 8)))
+    y = resolvent.chain_attention(q, k, v, 0.8, block_size=64)
+    yd = resolvent.chain_attention(q, k, v, 0.8, method="dense")
+    assert rel(y, cupy.asnumpy(yd)) <= 1e-10
+
+
+def test_constants_preserved(rng):
+    q, k = (cupy.asarray(x) for x in rng.standard_normal((2, 3, 500, 8)))
+    for method in ("dense", "exact", "blockwise"):
+        y = resolvent.chain_attention(q, k, cupy.ones((3, 500, 4)), 0.95, method=method)
+        assert float(cupy.abs(y - 1).max()) <= 1e-10
+
+
+def test_on_a_non_default_stream(rng):
+    q, k, v = rng.standard_normal((3, 4, 700, 32)).astype(np.float32)
+    ref = resolvent.chain_attention(q.astype(np.float64), k, v, 0.9)
+    s = cupy.cuda.Stream(non_blocking=True)
+    with s:
+        qc, kc, vc = (cupy.asarray(x) for x in (q, k, v))
+        y = resolvent.chain_attention(qc, kc, vc, 0.9)
+        out = cupy.asnumpy(y, stream=s)
+    s.synchronize()
+    assert rel(out, ref) <= 1e-4
+
+
+def test_errors(rng):
+    q = cupy.asarray(rng.standard_normal((2, 16, 4)))
+    with pytest.raises(NotImplementedError, match="topk"):
+        resolvent.chain_attention(q, q, q, 0.5, topk=1)
+    bad = q.copy()
+    bad[0, 3, 1] = cupy.nan
+    with pytest.raises(ValueError, match="q must contain only finite values"):
+        resolvent.chain_attention(bad, q, q, 0.5)
+    with pytest.raises(ValueError, match=r"gamma must lie in \[0, 1\)"):
+        resolvent.chain_attention(q, q, q, 1.0)
+    with pytest.raises(np.linalg.LinAlgError):
+        resolvent.solve(cupy.eye(3), cupy.ones(3), z=1.0)
+
+
+def test_solve_chain_and_shifts_match_cpu(rng):
+    A = rng.standard_normal((3, 40, 40)) / 10
+    B = rng.standard_normal((3, 40, 5))
+    for lower in (False, True):
+        Ac = cupy.asarray(np.tril(A) if lower else A)
+        X = resolvent.solve(Ac, cupy.asarray(B), z=2.0, lower=lower)
+        ref = resolvent.solve(np.tril(A) if lower else A, B, z=2.0, lower=lower)
+        assert isinstance(X, cupy.ndarray) and rel(X, ref) <= 1e-10
+    P = np.tril(rng.uniform(0, 1, (2, 30, 30)))
+    P /= P.sum(axis=-1, keepdims=True)
+    V = rng.standard_normal((2, 30, 3))
+    assert rel(resolvent.chain(cupy.asarray(P), cupy.asarray(V), 0.7), resolvent.chain(P, V, 0.7)) <= 1e-10
+    zs = [2.0, 3.0, 1.5 + 1j]
+    Xs = resolvent.solve_shifts(cupy.asarray(A[0]), cupy.asarray(B[0]), zs)
+    assert rel(Xs, resolvent.solve_shifts(A[0], B[0], zs)) <= 1e-10
+
+
+def test_torch_cuda_tensors_stay_on_the_device(rng):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():  # pragma: no cover
+        pytest.skip("torch without CUDA")
+    q, k, v = rng.standard_normal((3, 2, 200, 16))
+    ref = resolvent.chain_attention(q, k, v, 0.9)
+    tq, tk, tv = (torch.tensor(x, device="cuda", dtype=torch.float32) for x in (q, k, v))
+    y = resolvent.chain_attention(tq, tk, tv, 0.9)
+    assert isinstance(y, torch.Tensor) and y.device.type == "cuda" and y.dtype == torch.float32
+    assert rel(cupy.asarray(y), ref) <= 1e-4
+    yb = resolvent.chain_attention(tq.bfloat16(), tk.bfloat16(), tv.bfloat16(), 0.9)
+    assert yb.dtype == torch.bfloat16 and yb.device.type == "cuda"
+    assert rel(cupy.asarray(yb.float()), ref) <= 2e-2
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        y2 = resolvent.chain_attention(tq, tk, tv, 0.9)
+    s.synchronize()
+    assert rel(cupy.asarray(y2), ref) <= 1e-4
