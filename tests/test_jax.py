@@ -9,18 +9,16 @@ jnp = pytest.importorskip("jax.numpy")
 import resolvent  # noqa: E402
 import resolvent.jax as rj  # noqa: E402
 from jax.test_util import check_grads  # noqa: E402
-from resolvent.attention import _topk  # noqa: E402
-
-needs_topk_backward = pytest.mark.skipif(not hasattr(_topk, "backward"), reason="_topk.backward has not landed yet")
 
 METHODS = [
     ("dense", {}),
     ("exact", {}),
     ("blockwise", {"block_size": 3}),
     ("blockwise", {"block_size": 16}),
-    pytest.param("blockwise", {"block_size": 3, "topk": 1}, marks=needs_topk_backward),
+    ("blockwise", {"block_size": 3, "topk": 1}),
+    ("blockwise", {"block_size": 2, "topk": 2}),
 ]
-IDS = ["dense", "exact", "blockwise-b3", "blockwise-b16", "topk1-b3"]
+IDS = ["dense", "exact", "blockwise-b3", "blockwise-b16", "topk1-b3", "topk2-b2"]
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -301,3 +301,188 @@ def test_property_block_mass(p):
     bm = resolvent.block_mass(q, k, b, topk=topk)
     want = [brute_block_mass(q[h], k[h], b, topk) for h in range(q.shape[0])]
     np.testing.assert_allclose(bm, want, rtol=1e-10, atol=1e-12)
+
+
+# --- the backward pass -----------------------------------------------------------------------------------
+
+
+def vjp_topk(q, k, v, gamma, dy, b, topk, **kw):
+    return resolvent.chain_attention_vjp(q, k, v, gamma, dy, method="blockwise", block_size=b, topk=topk,
+                                         return_dgamma=True, **kw)
+
+
+def explicit_g(A, dy, gamma):
+    """``G = (I - gamma A)^{-T} (1 - gamma) dY`` and ``X = (I - gamma A)^{-1} A V``'s solver, float64."""
+    n = A.shape[-1]
+    g = np.asarray(gamma, dtype=np.float64)[..., None, None]
+    M = np.eye(n) - g * A
+    return np.linalg.solve(np.swapaxes(M, -1, -2), (1 - g) * dy), M
+
+
+def selection_margin(q, k, b, topk, scale=None):
+    """Smallest gap, over rows with a choice, between the k-th and the (k+1)-th block score."""
+    n, d = q.shape
+    scale = 1.0 / np.sqrt(d) if scale is None else scale
+    m = -(-n // b)
+    kbar = np.array([k[J * b : (J + 1) * b].mean(axis=0) for J in range(m)])
+    gaps = [np.inf]
+    for t in range(n):
+        s = np.sort(scale * kbar[: t // b] @ q[t])[::-1]
+        if len(s) > topk:
+            gaps.append(s[topk - 1] - s[topk])
+    return min(gaps)
+
+
+@pytest.mark.parametrize("n, b, topk", [(13, 3, 1), (16, 4, 2), (19, 4, 1), (23, 5, 2), (22, 3, 3), (12, 2, 4)])
+def test_vjp_matches_central_differences(rng, n, b, topk):
+    """All four gradients along random directions against central differences of the forward."""
+    q, k = rng.standard_normal((2, 2, n, 3))
+    v, dy = rng.standard_normal((2, 2, n, 2))
+    gamma = np.array([0.35, 0.85])
+    for h in range(2):  # eps * |direction| must not move any row's choice of blocks
+        assert selection_margin(q[h], k[h], b, topk) > 1e-4
+    grads = vjp_topk(q, k, v, gamma, dy, b, topk)
+    args = (q, k, v, gamma)
+
+    def loss(*a):
+        return float(np.sum(dy * chain_topk(*a, b, topk)))
+
+    eps = 1e-6
+    for i, (x, gr) in enumerate(zip(args, grads)):
+        assert gr.shape == x.shape and gr.dtype == np.float64
+        direction = rng.standard_normal(x.shape)
+        plus, minus = list(args), list(args)
+        plus[i] = x + eps * direction
+        minus[i] = x - eps * direction
+        fd = (loss(*plus) - loss(*minus)) / (2 * eps)
+        assert abs(np.sum(gr * direction) - fd) <= 1e-7 * max(1.0, abs(fd)), (i, np.sum(gr * direction), fd)
+
+
+@pytest.mark.parametrize("n, b", [(24, 4), (25, 6), (17, 17), (9, 1)])
+def test_vjp_topk_at_least_m_minus_1_is_dense(rng, n, b):
+    q, k, v, dy = 1.5 * rng.standard_normal((4, 2, n, 4))
+    gamma = np.array([0.9, 0.4])
+    m = -(-n // b)
+    dense = resolvent.chain_attention_vjp(q, k, v, gamma, dy, method="dense", return_dgamma=True)
+    for topk in {max(m - 1, 1), m + 3}:
+        for got, want in zip(vjp_topk(q, k, v, gamma, dy, b, topk), dense):
+            assert rel(got, want) < 1e-10
+
+
+@pytest.mark.parametrize("n, b, topk", [(16, 4, 1), (23, 5, 2), (30, 7, 3), (29, 1, 2), (26, 6, 1)])
+def test_dv_and_dgamma_equal_explicit_ahat(rng, n, b, topk):
+    """``dV = Ahat^T G`` and ``dgamma = -<dY, X> + <G, Ahat X>`` with Ahat built entry by entry."""
+    q, k = 1.5 * rng.standard_normal((2, 2, n, 5))
+    v, dy = rng.standard_normal((2, 2, n, 3))
+    gamma = np.array([0.95, 0.5])
+    A = ahat(q, k, b, topk)
+    G, M = explicit_g(A, dy, gamma)
+    X = np.linalg.solve(M, A @ v)
+    _, _, dv, dgamma = vjp_topk(q, k, v, gamma, dy, b, topk)
+    assert rel(dv, np.swapaxes(A, -1, -2) @ G) < 1e-10
+    want = -np.einsum("bij,bij->b", dy, X) + np.einsum("bij,bij->b", G, A @ X)
+    np.testing.assert_allclose(dgamma, want, rtol=1e-10, atol=1e-12 * np.abs(want).max())
+
+
+def test_vjp_topk_zero_is_pooled(rng):
+    """The module's backward with no links is the SPEC 2.2 backward (computed by _blockwise)."""
+    q, k, v, dy = rng.standard_normal((4, 2, 27, 4))
+    g = np.array([0.9, 0.3])
+    pooled = resolvent.chain_attention_vjp(q, k, v, g, dy, method="blockwise", block_size=5, return_dgamma=True)
+    for got, want in zip(_topk.backward(q, k, v, g, 5, 0, 0.5, dy), pooled):
+        assert rel(got, want) < 1e-10
+
+
+def test_vjp_batch_equals_loop_and_given_output(rng):
+    q, k, v, dy = rng.standard_normal((4, 2, 3, 30, 4))
+    gamma = np.array([0.2, 0.6, 0.95])  # one per head, broadcast over the batch
+    grads = vjp_topk(q, k, v, gamma, dy, 6, 2)
+    y = chain_topk(q, k, v, gamma, 6, 2)
+    # with the forward's output the backward recomputes only the row normalisers
+    for a, c in zip(vjp_topk(q, k, v, gamma, dy, 6, 2, y=y), grads):
+        np.testing.assert_allclose(a, c, rtol=1e-12, atol=1e-13)
+    assert grads[3].shape == (3,)
+    dg = np.zeros(3)
+    for i in range(2):
+        for h in range(3):
+            gl = vjp_topk(q[i, h], k[i, h], v[i, h], gamma[h], dy[i, h], 6, 2)
+            for a, c in zip(gl[:3], grads[:3]):
+                np.testing.assert_allclose(a, c[i, h], rtol=1e-12, atol=1e-13)
+            dg[h] += gl[3]
+    np.testing.assert_allclose(grads[3], dg, rtol=1e-12)
+
+
+def test_vjp_large_batch_and_threads_change_nothing(rng, monkeypatch):
+    """The stacked solver (batch > 64) and the batch split over threads give the same gradients."""
+    q, k, v, dy = rng.standard_normal((4, 70, 11, 2))
+    gamma = np.linspace(0.1, 0.9, 70)
+    serial = _topk.backward(q, k, v, gamma, 3, 1, 0.7, dy)
+    for i in (0, 69):
+        one = _topk.backward(q[i : i + 1], k[i : i + 1], v[i : i + 1], gamma[i : i + 1], 3, 1, 0.7, dy[i : i + 1])
+        for a, c in zip(one, serial):
+            np.testing.assert_allclose(a[0], c[i], rtol=1e-11, atol=1e-13)
+    monkeypatch.setattr(_topk, "PARALLEL_MIN", 0)
+    monkeypatch.setattr(_topk, "_workers", lambda: 3)
+    y = _topk.forward(q, k, v, gamma, 3, 1, 0.7)
+    for a, c in zip(_topk.backward(q, k, v, gamma, 3, 1, 0.7, dy, y=y), serial):
+        np.testing.assert_allclose(a, c, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("n, b, topk", [(48, 8, 2), (45, 7, 1)])
+def test_vjp_float32_close_to_float64(rng, n, b, topk):
+    q, k, v, dy = rng.standard_normal((4, 2, n, 8))
+    g64 = vjp_topk(q, k, v, 0.95, dy, b, topk)
+    g32 = vjp_topk(*(x.astype(np.float32) for x in (q, k, v)), np.float32(0.95), dy.astype(np.float32), b, topk)
+    for a, c in zip(g32, g64):
+        assert a.dtype == np.float32
+        assert rel(a, c) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_vjp_huge_scores_stay_finite(rng, dtype):
+    """Scores up to +-1e4: the backward's exponents are shifted by each row's final max too."""
+    n, b = 40, 5
+    q, k = 60.0 * rng.standard_normal((2, 2, n, 2))
+    v, dy = rng.standard_normal((2, 2, n, 3))
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        for topk in (1, 3):
+            args = [x.astype(dtype) for x in (q, k, v)]
+            grads = vjp_topk(*args, 0.9, dy.astype(dtype), b, topk, scale=1.0)
+            assert all(np.isfinite(x).all() for x in grads)
+            if dtype == np.float64:
+                A = ahat(q, k, b, topk, scale=1.0)
+                G, _ = explicit_g(A, dy, 0.9)
+                assert rel(grads[2], np.swapaxes(A, -1, -2) @ G) < 1e-10
+
+
+def test_vjp_pooled_residue_is_not_a_cancellation(rng):
+    """The case of test_pooled_residue_is_not_a_cancellation: a selected block with a huge pooled score."""
+    n, b = 6, 2
+    k = np.array([[30.0, 0.0], [30.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]])
+    q = np.array([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.02, 0.3], [20.0, 0.0]])
+    v, dy = rng.standard_normal((2, n, 2))
+    A = ahat(q, k, b, 1, scale=1.0)
+    G, _ = explicit_g(A, dy, 0.9)
+    want = np.swapaxes(A, -1, -2) @ G
+    for dtype, tol in [(np.float64, 1e-10), (np.float32, 1e-4)]:
+        args = [x.astype(dtype) for x in (q, k, v)]
+        dv = vjp_topk(*args, 0.9, dy.astype(dtype), b, 1, scale=1.0)[2]
+        assert rel(dv, want) < tol
+
+
+@given(problems(max_n=24), st.integers(0, 2**32 - 1))
+def test_property_vjp_against_explicit_ahat(p, seed):
+    """dV and dgamma from the explicit Ahat; for V = 1 (Y = 1 whatever q, k, gamma) dq = dk = dgamma = 0."""
+    q, k, v, gamma, b, topk = p
+    dy = np.random.default_rng(seed).standard_normal(v.shape)
+    A = ahat(q, k, b, topk)
+    G, M = explicit_g(A, dy, gamma)
+    X = np.linalg.solve(M, A @ v)
+    _, _, dv, dgamma = vjp_topk(q, k, v, gamma, dy, b, topk)
+    assert np.linalg.norm(dv - np.swapaxes(A, -1, -2) @ G) <= 1e-10 * max(np.linalg.norm(dy), 1e-3)
+    want = -np.einsum("bij,bij->b", dy, X) + np.einsum("bij,bij->b", G, A @ X)
+    scale_g = np.linalg.norm(dy) * max(np.linalg.norm(v), 1.0)
+    np.testing.assert_allclose(dgamma, want, rtol=0, atol=1e-10 * scale_g)
+    dq, dk, _, dg1 = vjp_topk(q, k, np.ones_like(v), gamma, dy, b, topk)
+    for x in (dq, dk, dg1):
+        np.testing.assert_allclose(x, 0.0, rtol=0, atol=1e-10 * max(np.linalg.norm(dy), 1.0))

@@ -7,9 +7,6 @@ torch = pytest.importorskip("torch")
 
 import resolvent  # noqa: E402
 import resolvent.torch as rt  # noqa: E402
-from resolvent.attention import _topk  # noqa: E402
-
-needs_topk_backward = pytest.mark.skipif(not hasattr(_topk, "backward"), reason="_topk.backward has not landed yet")
 
 METHODS = [
     ("dense", {}),
@@ -17,8 +14,8 @@ METHODS = [
     ("blockwise", {"block_size": 3}),
     ("blockwise", {"block_size": 4}),
     ("blockwise", {"block_size": 16}),
-    pytest.param("blockwise", {"block_size": 3, "topk": 1}, marks=needs_topk_backward),
-    pytest.param("blockwise", {"block_size": 2, "topk": 2}, marks=needs_topk_backward),
+    ("blockwise", {"block_size": 3, "topk": 1}),
+    ("blockwise", {"block_size": 2, "topk": 2}),
 ]
 IDS = ["dense", "exact", "blockwise-b3", "blockwise-b4", "blockwise-b16", "topk1-b3", "topk2-b2"]
 

@@ -14,12 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import resolvent
-from resolvent.attention import _topk
 
 from reference import ahat
-
-TOPK_BACKWARD = hasattr(_topk, "backward")
-needs_topk_backward = pytest.mark.skipif(not TOPK_BACKWARD, reason="_topk.backward has not landed yet")
 
 # (method, options) for every evaluation; blockwise with blocks dividing n, not dividing n, and >= n
 METHODS = [
@@ -28,8 +24,8 @@ METHODS = [
     ("blockwise", {"block_size": 4}),
     ("blockwise", {"block_size": 5}),
     ("blockwise", {"block_size": 16}),
-    pytest.param("blockwise", {"block_size": 3, "topk": 1}, marks=needs_topk_backward),
-    pytest.param("blockwise", {"block_size": 4, "topk": 2}, marks=needs_topk_backward),
+    ("blockwise", {"block_size": 3, "topk": 1}),
+    ("blockwise", {"block_size": 4, "topk": 2}),
 ]
 IDS = ["dense", "exact", "blockwise-b4", "blockwise-b5", "blockwise-b16", "topk1-b3", "topk2-b4"]
 
@@ -173,7 +169,7 @@ def test_vjp_matches_autograd_through_dense_reference(torch, rng, method, opts):
 @pytest.mark.parametrize(
     "b,topk",
     [(4, 0), (5, 0), (1, 0), (6, 0),
-     pytest.param(3, 1, marks=needs_topk_backward), pytest.param(4, 2, marks=needs_topk_backward)],
+     (3, 1), (4, 2)],
 )
 def test_blockwise_vjp_matches_autograd_through_ahat(torch, rng, b, topk):
     q, k, v, gamma, dy = inputs(rng)
@@ -187,16 +183,16 @@ def test_blockwise_vjp_matches_autograd_through_ahat(torch, rng, b, topk):
 @settings(max_examples=15, deadline=None)
 @given(
     n=st.integers(1, 20), d=st.integers(1, 4), b=st.integers(1, 8), gamma=st.floats(0.0, 0.95),
-    seed=st.integers(0, 2**32 - 1), scale=st.one_of(st.none(), st.floats(0.1, 2.0)),
+    seed=st.integers(0, 2**32 - 1), scale=st.one_of(st.none(), st.floats(0.1, 2.0)), topk=st.integers(0, 3),
 )
-def test_blockwise_vjp_property(n, d, b, gamma, seed, scale):
-    """Any n, d, block size, gamma and scale: the blockwise vjp is autograd through Ahat."""
+def test_blockwise_vjp_property(n, d, b, gamma, seed, scale, topk):
+    """Any n, d, block size, topk, gamma and scale: the blockwise vjp is autograd through Ahat."""
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(seed)
     q, k, v, _, dy = inputs(rng, batch=(1,), n=n, d=d)
     g = np.array([gamma])
-    ref = autograd_grads(torch, lambda q, k: torch_ahat(torch, q, k, b, 0, scale), q, k, v, g, dy)
-    got = resolvent.chain_attention_vjp(q, k, v, g, dy, method="blockwise", block_size=b, scale=scale,
+    ref = autograd_grads(torch, lambda q, k: torch_ahat(torch, q, k, b, topk, scale), q, k, v, g, dy)
+    got = resolvent.chain_attention_vjp(q, k, v, g, dy, method="blockwise", block_size=b, topk=topk, scale=scale,
                                         return_dgamma=True)
     for x, r in zip(got, ref):
         assert np.linalg.norm(x - r) <= 1e-10 * max(np.linalg.norm(r), 1.0)

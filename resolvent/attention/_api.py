@@ -283,7 +283,7 @@ def chain_attention_vjp(q, k, v, gamma, dy, *, method="blockwise", block_size=No
         if topk:
             from . import _topk
 
-            grads = _topk.backward(qf, kf, vf, g, b, topk, scale, dyf)
+            grads = _topk.backward(qf, kf, vf, g, b, topk, scale, dyf, y=yf)
         else:
             grads = _blockwise.backward(qf, kf, vf, g, b, scale, dyf, y=yf)
     dq, dk, dvv, dg = grads

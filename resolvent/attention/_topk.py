@@ -27,6 +27,12 @@ The Python loops run over the m blocks; batch, heads, the rows of a block and th
 vectorised.  ``n`` need not be a multiple of ``b``: inputs are padded with zero rows, padded keys
 only ever sit in the last block (never an earlier block of anyone) and are masked by causality,
 and padded rows select nothing and are dropped at the end.
+
+The backward pass (:func:`backward`) solves ``G = (I - gamma Ahat)^{-T} (1 - gamma) dY`` by block
+*backward* substitution in the same cost class: later rows reach block J through their exact links
+(pulled from the same groups) and through their pooled weights, which are equal for every key of J
+and so are carried by a running per-block accumulator; see :func:`_backward` and ``docs/topk.md``
+section 8.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 from scipy.linalg import get_blas_funcs
@@ -140,8 +147,29 @@ def _groups(sel, m, stride):
     return F, off, rmax
 
 
-def _setup(q, k, b, topk, scale):
-    """Shared by :func:`forward` and :func:`kept_mass`: padded, scaled queries, block means and groups."""
+class _Layout(NamedTuple):
+    """What :func:`_forward`, :func:`_backward` and :func:`kept_mass` share (a function of q, k only).
+
+    ``qs`` (B, m b + 1, d): scaled queries, zero-padded, plus one zero scratch row (the target of
+    padded group slots); ``kb`` (B, m, b, d) keys in blocks; ``kbar`` (B, m, d) mean keys; ``sizes``
+    (m,) the real block sizes; ``sel`` (B, m b, kk) the selection; ``F, off, rmax`` the push groups
+    (:func:`_groups`); ``qbar`` (B, m, d) mean scaled queries; ``sigma`` (B, m, m) pooled scores.
+    """
+
+    qs: np.ndarray
+    kb: np.ndarray
+    kbar: np.ndarray
+    sizes: np.ndarray
+    sel: np.ndarray
+    F: np.ndarray
+    off: np.ndarray
+    rmax: np.ndarray
+    qbar: np.ndarray
+    sigma: np.ndarray
+
+
+def _setup(q, k, b, topk, scale) -> _Layout:
+    """Padded, scaled queries, block means, the selection, its push groups and the pooled scores."""
     B, n, d = q.shape
     m = -(-n // b)
     N = m * b
@@ -155,11 +183,45 @@ def _setup(q, k, b, topk, scale):
     kbar = kb.sum(axis=2) / sizes[:, None]
     sel = _select(qs[:, :N], kbar, b, m, n, topk)
     F, off, rmax = _groups(sel, m, stride=N + 1)
-    return qs, kb, kbar, sizes, sel, F, off, rmax
+    # pooled scores sigma_IJ from the mean queries (scale already in qs); only J < I is used
+    qbar = qs[:, :N].reshape(B, m, b, d).sum(axis=2) / sizes[:, None]
+    sigma = qbar @ np.swapaxes(kbar, -1, -2)
+    return _Layout(qs, kb, kbar, sizes, sel, F, off, rmax, qbar, sigma)
 
 
-def _lower_solver(dt, B):
-    """A solver for stacks of lower-triangular blocks ``M X = R`` into ``out``: (B, b, b), (B, b, c).
+def _own_scores(L: _Layout, I: int, causal: np.ndarray) -> np.ndarray:
+    """(B, b, b) scaled scores of block I against itself, ``-inf`` above the diagonal."""
+    b = L.kb.shape[2]
+    S = L.qs[:, I * b : (I + 1) * b] @ np.swapaxes(L.kb[:, I], -1, -2)
+    S += causal
+    return S
+
+
+def _pooled_logits(L: _Layout, I: int, rowbase: np.ndarray) -> np.ndarray:
+    """(B, b, I): ``sigma_IJ`` for the rows of block I and J < I, ``-inf`` where the row selected J.
+
+    ``rowbase`` is ``arange(B * b).reshape(B, b, 1)``.  Masking the selected blocks (rather than
+    subtracting their terms later) keeps the pooled residue free of cancellation (docs/topk.md, 2).
+    """
+    B, _, b, _ = L.kb.shape
+    Wt = np.empty((B, b, I + 1), dtype=L.sigma.dtype)  # column I: the target of unused slots
+    Wt[..., :I] = L.sigma[:, I, None, :I]
+    Wt.reshape(-1)[rowbase * (I + 1) + np.minimum(L.sel[:, I * b : (I + 1) * b], I)] = -np.inf
+    return Wt[..., :I]
+
+
+def _gather_scores(L: _Layout, J: int):
+    """The rows that selected block J: flat indices ``idx`` (B, R) and their scores (B, R, b)."""
+    R = L.rmax[J]
+    idx = L.F[:, L.off[J] : L.off[J] + R]
+    B, m, b, d = L.kb.shape
+    Qg = np.take(L.qs.reshape(-1, d), idx, axis=0)
+    return idx, Qg, Qg @ np.swapaxes(L.kb[:, J], -1, -2)
+
+
+def _lower_solver(dt, B, trans=False):
+    """A solver for stacks of lower-triangular blocks ``M X = R`` (``M^T X = R`` with ``trans``) into
+    ``out``: (B, b, b), (B, b, c).
 
     BLAS ``trsm`` per batch entry: on (8, 64, 64) blocks with 64 columns it takes 0.12 ms against
     1.2 ms for ``numpy.linalg.solve`` (an LU per block, single-threaded OpenBLAS, this CPU); for a
@@ -168,17 +230,41 @@ def _lower_solver(dt, B):
     if B > 64:
 
         def solve_stack(M, R, out):
-            out[...] = np.linalg.solve(M, R)
+            out[...] = np.linalg.solve(np.swapaxes(M, -1, -2) if trans else M, R)
 
         return solve_stack
     trsm = get_blas_funcs("trsm", dtype=dt)
+    ta = int(trans)
 
     def solve(M, R, out):
         for z in range(M.shape[0]):
-            # X^T M^T = R^T: row-major (b, c) blocks are Fortran-ordered transposes, no copies
-            out[z] = trsm(1.0, M[z].T, R[z].T, side=1, lower=0).T
+            # X^T M^T = R^T (or X^T M = R^T): row-major (b, c) blocks are Fortran-ordered
+            # transposes, and M[z].T is M^T in Fortran order, an upper-triangular matrix: no copies
+            out[z] = trsm(1.0, M[z].T, R[z].T, side=1, lower=0, trans_a=ta).T
 
     return solve
+
+
+def _split_batch(fn, arrays, rest, work):
+    """``fn(*[a[s] for a in arrays], *rest)`` over slices of the batch on a thread pool, BLAS on one thread.
+
+    ``work`` (about ``B n (d + dv)``) decides whether threads pay off (about a millisecond of work
+    per slice).  ``fn`` returns an array or a tuple of arrays with the batch first; the slices'
+    results are concatenated.
+    """
+    B = arrays[0].shape[0]
+    workers = min(B, _workers()) if work >= PARALLEL_MIN else 1
+    with _one_blas_thread():
+        if workers < 2:
+            return fn(*arrays, *rest)
+        # batch entries are independent: one slice per core, NumPy releases the GIL in the heavy calls
+        cuts = np.linspace(0, B, workers + 1).astype(int)
+        parts = [slice(cuts[i], cuts[i + 1]) for i in range(workers)]
+        with ThreadPoolExecutor(workers) as ex:
+            outs = list(ex.map(lambda s: fn(*[a[s] for a in arrays], *rest), parts))
+    if isinstance(outs[0], tuple):
+        return tuple(np.concatenate(x, axis=0) for x in zip(*outs))
+    return np.concatenate(outs, axis=0)
 
 
 def forward(q, k, v, gamma, b, topk, scale):
@@ -188,17 +274,7 @@ def forward(q, k, v, gamma, b, topk, scale):
     pooled operator of SPEC 2.2, a cross-check for the tests).  Computes in the dtype of ``q``.
     """
     B, n, d = q.shape
-    # threads pay off once each slice holds real work (about a millisecond of it)
-    workers = min(B, _workers()) if B * n * (d + v.shape[-1]) >= PARALLEL_MIN else 1
-    with _one_blas_thread():
-        if workers < 2:
-            return _forward(q, k, v, gamma, b, topk, scale)
-        # batch entries are independent: one slice per core, NumPy releases the GIL in the heavy calls
-        cuts = np.linspace(0, B, workers + 1).astype(int)
-        parts = [slice(cuts[i], cuts[i + 1]) for i in range(workers)]
-        with ThreadPoolExecutor(workers) as ex:
-            ys = list(ex.map(lambda s: _forward(q[s], k[s], v[s], gamma[s], b, topk, scale), parts))
-        return np.concatenate(ys, axis=0)
+    return _split_batch(_forward, (q, k, v, gamma), (b, topk, scale), B * n * (d + v.shape[-1]))
 
 
 def _workers() -> int:
@@ -208,21 +284,23 @@ def _workers() -> int:
         return os.cpu_count() or 1
 
 
-def _forward(q, k, v, gamma, b, topk, scale):
+def _forward(q, k, v, gamma, b, topk, scale, L=None, stats=False):
+    """:func:`forward` on one slice of the batch.
+
+    With ``stats`` also returns each row's final shift ``mu`` and normaliser ``ell`` (B, m b + 1)
+    (``Ahat_ts = exp(w_ts - mu_t) / ell_t``), for the backward pass; ``L`` is a precomputed
+    :func:`_setup`.
+    """
     B, n, d = q.shape
     dv = v.shape[-1]
     dt = q.dtype
-    qs, kb, kbar, sizes, sel, F, off, rmax = _setup(q, k, b, topk, scale)
-    m = kb.shape[1]
+    if L is None:
+        L = _setup(q, k, b, topk, scale)
+    m = L.kb.shape[1]
     N = m * b
     vb = _pad_rows(v, N).reshape(B, m, b, dv)
-    qb = qs[:, :N].reshape(B, m, b, d)
-    qs_f = qs.reshape(B * (N + 1), d)
-    # pooled scores sigma_IJ from the mean queries (scale already in qs)
-    qbar = qb.sum(axis=2) / sizes[:, None]
-    sigma = qbar @ np.swapaxes(kbar, -1, -2)  # (B, m, m); only J < I is used
     g = gamma.astype(dt, copy=False).reshape(B, 1, 1)
-    kk = sel.shape[-1]
+    kk = L.sel.shape[-1]
     lower_solve = _lower_solver(dt, B)
 
     # per-row online log-sum-exp state, flat over (batch, row), row N of each batch entry scratch:
@@ -240,17 +318,13 @@ def _forward(q, k, v, gamma, b, topk, scale):
     for I in range(m):
         rows = slice(I * b, (I + 1) * b)
         # own block, causal inside
-        S = qb[:, I] @ np.swapaxes(kb[:, I], -1, -2)  # (B, b, b)
-        S += causal
+        S = _own_scores(L, I, causal)  # (B, b, b)
         mu_old = st[:, rows, dv + 1]
         mu_new = np.maximum(mu_old, S.max(axis=-1))  # finite: the diagonal is there
         pooled = I > kk
         if pooled:
             # the pooled residue: the earlier blocks the row did not select
-            Wt = np.empty((B, b, I + 1), dtype=dt)
-            Wt[..., :I] = sigma[:, I, None, :I]
-            Wt.reshape(-1)[rowbase * (I + 1) + np.minimum(sel[:, rows], I)] = -np.inf
-            Wt = Wt[..., :I]
+            Wt = _pooled_logits(L, I, rowbase)
             np.maximum(mu_new, Wt.max(axis=-1), out=mu_new)
             Wt -= mu_new[..., None]
             np.exp(Wt, out=Wt)
@@ -263,6 +337,9 @@ def _forward(q, k, v, gamma, b, topk, scale):
         S -= mu_new[..., None]
         np.exp(S, out=S)
         ell_I += S.sum(axis=-1)
+        if stats:  # the row is complete: no later block pushes to it
+            st[:, rows, dv] = ell_I
+            st[:, rows, dv + 1] = mu_new
         inv = 1.0 / ell_I[..., None]
         acc_I += S @ vb[:, I]
         acc_I *= inv  # = (Ahat V)_I + gamma sum_{J<I} Ahat_IJ X_J
@@ -276,11 +353,9 @@ def _forward(q, k, v, gamma, b, topk, scale):
         Z += vb[:, I]  # Z = V + gamma X
         cZ[:, I] = Z.sum(axis=1)
         # push block I's exact links to the later rows that selected it
-        R = rmax[I]
-        if R == 0:
+        if L.rmax[I] == 0:
             continue
-        idx = F[:, off[I] : off[I] + R]  # (B, R) flat row indices
-        Sg = np.take(qs_f, idx, axis=0) @ np.swapaxes(kb[:, I], -1, -2)  # (B, R, b)
+        idx, _, Sg = _gather_scores(L, I)  # (B, R) flat row indices, (B, R, b) scores
         sg = np.take(st_f, idx, axis=0)  # (B, R, dv + 2)
         mu_g = sg[..., dv + 1]
         mu_n = np.maximum(mu_g, Sg.max(axis=-1))
@@ -293,7 +368,194 @@ def _forward(q, k, v, gamma, b, topk, scale):
         sg[..., dv + 1] = mu_n
         st_f[idx] = sg
     Y *= 1 - g
+    if stats:
+        return Y[:, :n], st[..., dv + 1], st[..., dv]
     return Y[:, :n]
+
+
+def _normalisers(L: _Layout, b: int):
+    """Each row's final shift ``mu`` and normaliser ``ell`` (B, m b + 1), as :func:`_forward` leaves them.
+
+    The forward's online log-sum-exp without the values: pushes of the exact links (scores only),
+    then the own block and the pooled residue.  O(n (k + 1) b d + n m) time, for a backward pass
+    that was handed the forward's output.
+    """
+    B, m = L.kb.shape[:2]
+    N = m * b
+    dt = L.qs.dtype
+    st = np.zeros((B, N + 1, 2), dtype=dt)  # [ell | mu]
+    st[..., 1] = -np.inf
+    st_f = st.reshape(-1, 2)
+    causal = np.where(np.tri(b, dtype=bool), 0.0, -np.inf).astype(dt)
+    rowbase = np.arange(B * b, dtype=np.int64).reshape(B, b, 1)
+    kk = L.sel.shape[-1]
+    for I in range(m):
+        rows = slice(I * b, (I + 1) * b)
+        S = _own_scores(L, I, causal)
+        mu_old = st[:, rows, 1]
+        mu_new = np.maximum(mu_old, S.max(axis=-1))
+        if I > kk:
+            Wt = _pooled_logits(L, I, rowbase)
+            np.maximum(mu_new, Wt.max(axis=-1), out=mu_new)
+        ell = st[:, rows, 0] * np.exp(mu_old - mu_new)
+        ell += np.exp(S - mu_new[..., None]).sum(axis=-1)
+        if I > kk:
+            ell += np.exp(Wt - mu_new[..., None]).sum(axis=-1) * b
+        st[:, rows, 0] = ell
+        st[:, rows, 1] = mu_new
+        if I == m - 1 or L.rmax[I] == 0:
+            continue
+        idx, _, Sg = _gather_scores(L, I)
+        sg = np.take(st_f, idx, axis=0)
+        mu_n = np.maximum(sg[..., 1], Sg.max(axis=-1))
+        sg[..., 0] *= np.exp(sg[..., 1] - mu_n)
+        sg[..., 0] += np.exp(Sg - mu_n[..., None]).sum(axis=-1)
+        sg[..., 1] = mu_n
+        st_f[idx] = sg
+    return st[..., 1], st[..., 0]
+
+
+def backward(q, k, v, gamma, b, topk, scale, dy, y=None):
+    """Vector-Jacobian product of :func:`forward`: ``(dq, dk, dv, dgamma)``, dgamma of shape (B,).
+
+    q, k (B, n, d), v, dy (B, n, dv), gamma (B,); ``y`` the forward's output if the caller kept it
+    (then only the row normalisers are recomputed).  Same cost class as the forward,
+    O(n (k + 1) b d + n m d + m^2 d) time and O(n d + m^2 + n k) memory; the derivation is in
+    :func:`_backward` and ``docs/topk.md``.
+    """
+    B, n, d = q.shape
+    arrays = (q, k, v, gamma, dy) if y is None else (q, k, v, gamma, dy, y)
+    return _split_batch(_backward, arrays, (b, topk, scale), B * n * (d + v.shape[-1]))
+
+
+def _backward(q, k, v, gamma, dy, *rest):
+    """:func:`backward` on one slice of the batch (``rest``: ``[y,] b, topk, scale``).
+
+    With ``Z = V + gamma X`` (``Ahat Z = X``) and ``dX = (1 - gamma) dY``:
+
+    * ``G = (I - gamma Ahat)^{-T} dX`` by block *backward* substitution, last block first::
+
+          (I - gamma Ahat_JJ)^T G_J = dX_J + gamma r_J,   r_J = sum_{t later} Ahat_{t,B_J}^T G_t.
+
+      ``r_J`` has an exact part, pulled from the rows ``R_J`` that selected ``J`` (the forward's
+      push groups: ``P^T G[R_J]`` with ``P = Ahat_{R_J, B_J}``, recomputed from the row
+      normalisers), and a pooled part, the same for every key of ``J``: the accumulator
+      ``H_J = sum_t p_tJ G_t`` over the rows already solved that did not select ``J``
+      (``p_tJ = exp(sigma_IJ - mu_t) / ell_t``), to which each block ``I`` adds ``p_I^T G_I`` with
+      its selected entries zeroed (no "all minus selected" cancellation).
+    * ``dV = Ahat^T G``: ``dV_J = Ahat_JJ^T G_J + r_J``.
+    * The softmax backward per entry, ``dS_ts = Ahat_ts (G_t . Z_s - delta_t)``,
+      ``delta_t = G_t . X_t``: own block and exact links reach ``q_t`` and ``k_s``; a pooled
+      score is shared by the keys of ``J``, so it collects
+      ``dsigma_IJ = sum_{t in B_I, J not in sel(t)} p_tJ (G_t . c_J - b delta_t)``, ``c_J`` the
+      block sums of ``Z``, which reach ``q`` and ``k`` through the block means.
+    * ``dgamma = -<dY, X> + <G, Ahat X> = -<dY, X> + <dV, X>``.
+
+    The selection is piecewise constant in ``q`` and ``k``: no gradient flows through it.  Every
+    exponent is a score minus the row's final max, ``<= 0``.
+    """
+    if len(rest) == 4:
+        y, b, topk, scale = rest
+    else:
+        y = None
+        b, topk, scale = rest
+    B, n, d = q.shape
+    dv = v.shape[-1]
+    dt = q.dtype
+    L = _setup(q, k, b, topk, scale)
+    if y is None:
+        y, mu, ell = _forward(q, k, v, gamma, b, topk, scale, L=L, stats=True)
+    else:
+        mu, ell = _normalisers(L, b)
+    qs, kb, kbar, qbar, sizes = L.qs, L.kb, L.kbar, L.qbar, L.sizes
+    m = kb.shape[1]
+    N = m * b
+    kk = L.sel.shape[-1]
+    g = gamma.astype(dt, copy=False).reshape(B, 1, 1)
+    X = _pad_rows(y / (1 - g), N)  # padded rows: X = 0, dX = 0, hence G = 0
+    Xb = X.reshape(B, m, b, dv)
+    Zb = _pad_rows(v, N).reshape(B, m, b, dv) + g[..., None] * Xb
+    cZ = Zb.sum(axis=2)  # (B, m, dv): block sums of Z (only full blocks J < m - 1 are used)
+    dXb = _pad_rows((1 - g) * dy, N).reshape(B, m, b, dv)
+
+    # per-row state, flat over (batch, row) with row N scratch (G = delta = 1/ell = 0 there, so
+    # padded group slots contribute nothing): [G (dv) | delta | mu | 1/ell]
+    st = np.zeros((B, N + 1, dv + 3), dtype=dt)
+    st[:, :N, dv + 1] = mu[:, :N]
+    st[:, :N, dv + 2] = 1.0 / ell[:, :N]
+    st_f = st.reshape(-1, dv + 3)
+    dqs = np.zeros((B, N + 1, d), dtype=dt)  # gradient w.r.t. the scaled queries
+    dqs_f = dqs.reshape(-1, d)
+    dkb = np.zeros((B, m, b, d), dtype=dt)
+    dvb = np.empty((B, m, b, dv), dtype=dt)
+    H = np.zeros((B, m, dv), dtype=dt)  # pooled weight of the solved rows on each block, times G
+    dsigma = np.zeros((B, m, m), dtype=dt)
+    causal = np.where(np.tri(b, dtype=bool), 0.0, -np.inf).astype(dt)
+    eye = np.eye(b, dtype=dt)
+    rowbase = np.arange(B * b, dtype=np.int64).reshape(B, b, 1)
+    upper_solve = _lower_solver(dt, B, trans=True)
+    for J in range(m - 1, -1, -1):
+        rows = slice(J * b, (J + 1) * b)
+        mu_J = st[:, rows, dv + 1, None]
+        il_J = st[:, rows, dv + 2, None]
+        kJt = np.swapaxes(kb[:, J], -1, -2)
+        ZJt = np.swapaxes(Zb[:, J], -1, -2)
+        # r_J: what the later rows' G send to the keys of J
+        r = np.zeros((B, b, dv), dtype=dt) if J == m - 1 else np.repeat(H[:, J, None, :], b, axis=1)
+        if J < m - 1 and L.rmax[J] > 0:
+            idx, Qg, P = _gather_scores(L, J)  # (B, R), (B, R, d), (B, R, b)
+            sg = np.take(st_f, idx, axis=0)  # the rows' [G | delta | mu | 1/ell]
+            P -= sg[..., dv + 1, None]
+            np.exp(P, out=P)
+            P *= sg[..., dv + 2, None]  # = Ahat_{R_J, B_J}
+            Gg = sg[..., :dv]
+            r += np.swapaxes(P, -1, -2) @ Gg
+            # the exact links' scores
+            dP = Gg @ ZJt
+            dP -= sg[..., dv, None]
+            dP *= P
+            dqs_f[idx] += dP @ kb[:, J]  # rows are unique within a group; the scratch row is dropped
+            dkb[:, J] += np.swapaxes(dP, -1, -2) @ Qg
+        # own block: solve (I - gamma Ahat_JJ)^T G_J = dX_J + gamma r_J
+        A = _own_scores(L, J, causal)
+        A -= mu_J
+        np.exp(A, out=A)
+        A *= il_J  # Ahat_JJ
+        M = eye - g * A
+        rhs = dXb[:, J] + g * r
+        GJ = st[:, rows, :dv]
+        upper_solve(M, rhs, GJ)
+        dvb[:, J] = np.swapaxes(A, -1, -2) @ GJ
+        dvb[:, J] += r
+        delta = np.einsum("btc,btc->bt", GJ, Xb[:, J])
+        st[:, rows, dv] = delta
+        dS = GJ @ ZJt
+        dS -= delta[..., None]
+        dS *= A  # zero above the diagonal
+        dqs[:, rows] += dS @ kb[:, J]
+        dkb[:, J] += np.swapaxes(dS, -1, -2) @ qs[:, rows]
+        if J > kk:
+            # the pooled residue of the rows of J on the blocks they did not select
+            p = _pooled_logits(L, J, rowbase)
+            p -= mu_J
+            np.exp(p, out=p)
+            p *= il_J  # (B, b, J): p_tI, zero where selected
+            H[:, :J] += np.swapaxes(p, -1, -2) @ GJ
+            T = GJ @ np.swapaxes(cZ[:, :J], -1, -2)
+            T -= b * delta[..., None]  # earlier blocks are full
+            T *= p
+            dsigma[:, J, :J] = T.sum(axis=1)
+    # the pooled scores sigma_IJ = qbar_I . kbar_J (scale inside qbar) through the block means
+    dqbar = (dsigma @ kbar) / sizes[:, None]
+    dkbar = (np.swapaxes(dsigma, -1, -2) @ qbar) / sizes[:, None]
+    dqs[:, :N].reshape(B, m, b, d)[...] += dqbar[:, :, None, :]
+    dkb += dkbar[:, :, None, :]
+    dq = dqs[:, :n] * dt.type(scale)
+    dk = dkb.reshape(B, N, d)[:, :n]
+    dvv = dvb.reshape(B, N, dv)[:, :n]
+    Xr = X[:, :n]
+    dgamma = np.einsum("btc,btc->b", dvv - dy, Xr)
+    return dq, np.ascontiguousarray(dk), np.ascontiguousarray(dvv), dgamma
 
 
 def kept_mass(q, k, b, topk, scale, lse):
@@ -305,25 +567,21 @@ def kept_mass(q, k, b, topk, scale, lse):
     q = np.asarray(q, dtype=np.float64)
     k = np.asarray(k, dtype=np.float64)
     B, n, d = q.shape
-    qs, kb, _, _, _, F, off, rmax = _setup(q, k, b, topk, scale)
-    m = kb.shape[1]
+    L = _setup(q, k, b, topk, scale)
+    m = L.kb.shape[1]
     N = m * b
     lse_p = np.zeros((B, N + 1), dtype=np.float64)
     lse_p[:, :n] = lse
     kept = np.zeros((B, N + 1), dtype=np.float64)
-    qs_f, lse_f, kept_f = qs.reshape(B * (N + 1), d), lse_p.reshape(-1), kept.reshape(-1)
-    qb = qs[:, :N].reshape(B, m, b, d)
-    tri = np.tri(b, dtype=bool)
+    lse_f, kept_f = lse_p.reshape(-1), kept.reshape(-1)
+    causal = np.where(np.tri(b, dtype=bool), 0.0, -np.inf)
     for I in range(m):
         rows = slice(I * b, (I + 1) * b)
-        S = qb[:, I] @ np.swapaxes(kb[:, I], -1, -2)
-        S[:, ~tri] = -np.inf
+        S = _own_scores(L, I, causal)
         kept[:, rows] += np.exp(S - lse_p[:, rows, None]).sum(axis=-1)
-        R = rmax[I]
-        if I == m - 1 or R == 0:
+        if I == m - 1 or L.rmax[I] == 0:
             continue
-        idx = F[:, off[I] : off[I] + R]
-        Sg = np.take(qs_f, idx, axis=0) @ np.swapaxes(kb[:, I], -1, -2)
+        idx, _, Sg = _gather_scores(L, I)
         # rows are unique within a group; only the scratch row repeats, and it is dropped
         kept_f[idx] = kept_f[idx] + np.exp(Sg - lse_f[idx][..., None]).sum(axis=-1)
     return kept[:, :n]
