@@ -94,10 +94,11 @@ class Backend:
         return self.xp.asarray(x)
 
     def probe(self, fn, what):
-        """Run ``fn()`` once; skip if the library has no path for this backend's arrays yet.
+        """Run ``fn()`` once (in ``setup``, on a small input); skip what the backend does not support.
 
-        A library that converts device arrays implicitly gets a ``TypeError`` from CuPy (implicit
-        conversion to NumPy is refused); that, and only that, means "not supported yet".  Any other
+        Two answers mean "not supported on this backend", and asv records a skip: the GPU backend's
+        ``NotImplementedError`` for a method it lacks (it propagates from here as is), and CuPy's
+        ``TypeError`` when a library without a GPU path converts device arrays implicitly.  Any other
         error is a real failure and propagates.
         """
         if self.name == "numpy":
