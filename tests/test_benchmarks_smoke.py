@@ -135,3 +135,20 @@ def test_asv_conf_parses_and_names_the_suite():
     assert not conf["results_dir"].startswith("results")
     asv_util = pytest.importorskip("asv.util")
     assert asv_util.load_json(str(path), js_comments=True)["benchmark_dir"] == "benchmarks"
+
+
+def test_scaling_report_runs(tmp_path):
+    """The report script end to end at tiny sizes: tables, exponents and the three PNGs."""
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tqdm")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scaling_report", BENCH / "scaling_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    results, sweep = report.main(["--smoke", "--no-progress", "--threads", "0", "--out", str(tmp_path)])
+    assert all(results[m]["n"] for m in report.METHODS) and all(sweep.values())
+    text = (tmp_path / "performance.md").read_text()
+    assert "## Fitted exponents" in text and "| blockwise |" in text
+    for png in ("scaling_time.png", "scaling_memory.png", "block_size_sweep.png"):
+        assert (tmp_path / "img" / png).stat().st_size > 1000
