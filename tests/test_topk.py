@@ -6,7 +6,7 @@ with an explicit inverse; the library never forms ``Ahat``.
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -45,6 +45,30 @@ def selection(q, k, b, topk, scale=None):
     scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
     sel = _topk._setup(q[None], k[None], b, topk, scale)[4]
     return sel[0, : q.shape[0]]
+
+
+def ambiguous_choice(q, k, b, topk, scale=None):
+    """True when, for some row, the library and :func:`brute_selection` choose different blocks
+    because the scores at the k-th place agree to rounding (mathematically equal scores summed in
+    another order: which block wins is then rounding, not the tie rule).  A disagreement with a
+    clear gap returns False, so the test that asks goes on and fails."""
+    d = q.shape[-1]
+    scale = 1.0 / np.sqrt(d) if scale is None else scale
+    m = -(-q.shape[-2] // b)
+    for h in np.ndindex(*q.shape[:-2]):
+        lib = selection(q[h], k[h], b, topk, scale)
+        kbar = np.array([k[h][J * b : (J + 1) * b].mean(axis=0) for J in range(m)])
+        for t, want in enumerate(brute_selection(q[h], k[h], b, topk, scale)):
+            if {int(J) for J in lib[t] if J < m} == want:
+                continue
+            I = t // b
+            s = np.sort(scale * kbar[:I] @ q[h][t])[::-1]
+            if len(s) <= topk:  # every earlier block is selected: nothing to break
+                continue
+            bound = 1e-13 * scale * (np.abs(kbar[:I]) @ np.abs(q[h][t])).max()
+            if s[topk - 1] - s[topk] <= bound:
+                return True
+    return False
 
 
 def per_block_choice_ahat(q, k, b, topk):
@@ -288,6 +312,7 @@ def problems(draw, max_n=32):
 @given(problems())
 def test_property_equals_explicit_ahat(p):
     q, k, v, gamma, b, topk = p
+    assume(not ambiguous_choice(q, k, b, topk))
     y = chain_topk(q, k, v, gamma, b, topk)
     ref = chain_reference(ahat(q, k, b, topk), v, gamma)
     assert rel(y, ref, v) < 1e-10
@@ -474,6 +499,7 @@ def test_vjp_pooled_residue_is_not_a_cancellation(rng):
 def test_property_vjp_against_explicit_ahat(p, seed):
     """dV and dgamma from the explicit Ahat; for V = 1 (Y = 1 whatever q, k, gamma) dq = dk = dgamma = 0."""
     q, k, v, gamma, b, topk = p
+    assume(not ambiguous_choice(q, k, b, topk))
     dy = np.random.default_rng(seed).standard_normal(v.shape)
     A = ahat(q, k, b, topk)
     G, M = explicit_g(A, dy, gamma)

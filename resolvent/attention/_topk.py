@@ -214,8 +214,7 @@ def _gather_scores(L: _Layout, J: int):
     """The rows that selected block J: flat indices ``idx`` (B, R) and their scores (B, R, b)."""
     R = L.rmax[J]
     idx = L.F[:, L.off[J] : L.off[J] + R]
-    B, m, b, d = L.kb.shape
-    Qg = np.take(L.qs.reshape(-1, d), idx, axis=0)
+    Qg = np.take(L.qs.reshape(-1, L.qs.shape[-1]), idx, axis=0)
     return idx, Qg, Qg @ np.swapaxes(L.kb[:, J], -1, -2)
 
 
@@ -291,7 +290,7 @@ def _forward(q, k, v, gamma, b, topk, scale, L=None, stats=False):
     (``Ahat_ts = exp(w_ts - mu_t) / ell_t``), for the backward pass; ``L`` is a precomputed
     :func:`_setup`.
     """
-    B, n, d = q.shape
+    B, n = q.shape[:2]
     dv = v.shape[-1]
     dt = q.dtype
     if L is None:
@@ -498,7 +497,6 @@ def _backward(q, k, v, gamma, dy, *rest):
         rows = slice(J * b, (J + 1) * b)
         mu_J = st[:, rows, dv + 1, None]
         il_J = st[:, rows, dv + 2, None]
-        kJt = np.swapaxes(kb[:, J], -1, -2)
         ZJt = np.swapaxes(Zb[:, J], -1, -2)
         # r_J: what the later rows' G send to the keys of J
         r = np.zeros((B, b, dv), dtype=dt) if J == m - 1 else np.repeat(H[:, J, None, :], b, axis=1)
@@ -566,7 +564,7 @@ def kept_mass(q, k, b, topk, scale, lse):
     """
     q = np.asarray(q, dtype=np.float64)
     k = np.asarray(k, dtype=np.float64)
-    B, n, d = q.shape
+    B, n = q.shape[:2]
     L = _setup(q, k, b, topk, scale)
     m = L.kb.shape[1]
     N = m * b
