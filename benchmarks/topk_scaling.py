@@ -1,12 +1,13 @@
 """Scaling of block-sparse links (SPEC 2.3) on the CPU, against exact and against PyTorch's dense chain.
 
 CPU, float32, d = dv = 64, batch x heads = 2 x 4.  Times ``chain_attention(method="blockwise", topk=k)``
-for k in {0, 1, 2, 4} (default block size) and ``method="exact"`` over n, fits the log-log growth
-exponent of each, and times PyTorch's dense chain attention (softmax with causal mask, then
+for k in {0, 1, 2, 4} (default block size) and ``method="exact"`` over n, the backward pass
+``chain_attention_vjp(..., topk=2, y=Y)`` (given the forward's output, as the torch and JAX adapters
+call it), fits the log-log growth exponent of each, and times PyTorch's dense chain attention (softmax with causal mask, then
 ``torch.linalg.solve_triangular(I - gamma A, A V, upper=False)``, times ``1 - gamma``) at n = 4096.
 ``--sweep`` first times topk > 0 over block sizes ``b = C sqrt(n)`` to choose ``C_TOPK``.
 
-Run from the repository root:  python3 benchmarks/topk_scaling.py [--sweep] [--out FILE]
+Run from the repository root:  python3 benchmarks/topk_scaling.py [--sweep] [--reps R] [--out FILE]
 Prints markdown; ``--out`` also writes it (``benchmarks/results/topk_scaling.md``).
 """
 
@@ -18,6 +19,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -28,12 +30,19 @@ from resolvent.attention import _api
 B, H, D = 2, 4, 64
 GAMMA = 0.9
 TOPKS = (0, 1, 2, 4)
+BWD_TOPK = 2
+BWD = f"topk={BWD_TOPK} backward"
+REPS = None  # --reps: a fixed number of repetitions instead of reps_for's 3-7
 
 
 def inputs(n, seed=0):
     rng = np.random.default_rng(seed)
     q, k, v = rng.standard_normal((3, B, H, n, D), dtype=np.float32)
     return q, k, v
+
+
+def cotangent(n, seed=1):
+    return np.random.default_rng(seed).standard_normal((B, H, n, D), dtype=np.float32)
 
 
 def median_time(fn, reps, clock=time.perf_counter):
@@ -47,7 +56,9 @@ def median_time(fn, reps, clock=time.perf_counter):
 
 
 def reps_for(seconds):
-    """Fewer repetitions for the slow cases, at least 3."""
+    """Fewer repetitions for the slow cases, at least 3 (``--reps`` fixes the number)."""
+    if REPS is not None:
+        return REPS
     return max(3, min(7, int(5.0 / max(seconds, 1e-3))))
 
 
@@ -141,7 +152,7 @@ def sweep(ns, cs, topks):
 
 
 def scaling(ns, exact_max_n):
-    cols = [f"topk={k}" for k in TOPKS] + ["exact"]
+    cols = [f"topk={k}" for k in TOPKS] + ["exact", BWD]
     times = {c: {} for c in cols}
     blocks = {k: {} for k in TOPKS}
     for n in ns:
@@ -152,14 +163,33 @@ def scaling(ns, exact_max_n):
             times[f"topk={topk}"][n] = timed(
                 lambda: resolvent.chain_attention(q, k, v, GAMMA, method="blockwise", topk=topk)
             )
+        y = resolvent.chain_attention(q, k, v, GAMMA, method="blockwise", topk=BWD_TOPK)
+        dy = cotangent(n)
+        times[BWD][n] = timed(
+            lambda: resolvent.chain_attention_vjp(q, k, v, GAMMA, dy, method="blockwise", topk=BWD_TOPK, y=y,
+                                                  return_dgamma=True)
+        )
         if n <= exact_max_n:
             t0 = time.perf_counter()
             resolvent.chain_attention(q, k, v, GAMMA, method="exact")
             first = time.perf_counter() - t0
-            reps = 1 if first > 20 else 3
+            reps = 1 if first > 20 else (3 if REPS is None else REPS)
             times["exact"][n] = median_time(lambda: resolvent.chain_attention(q, k, v, GAMMA, method="exact"), reps) if reps > 1 else first
         print(n, {c: f"{times[c].get(n, float('nan')) * 1e3:.1f}" for c in cols}, flush=True)
     return cols, times, blocks
+
+
+def earlier_sweep(path):
+    """The block-size sweep section of an earlier results file, marked as copied."""
+    with open(path) as f:
+        text = f.read()
+    head = "## Block-size sweep"
+    if head not in text:
+        return []
+    sec = text[text.index(head):]
+    nxt = sec.find("\n## ", 1)
+    sec = sec[: nxt if nxt >= 0 else len(sec)].rstrip("\n").splitlines()
+    return [sec[0], "", f"(Copied from an earlier run's `{path}`; this run did not repeat the sweep.)"] + sec[1:] + [""]
 
 
 def exponent(series):
@@ -188,15 +218,21 @@ def _main(blas_note):
     ap.add_argument("--sweep-ns", default="1024,4096,16384")
     ap.add_argument("--sweep-cs", default="0.5,0.75,1,1.5,2,3")
     ap.add_argument("--c-topk", type=float, default=None, help="override _api.C_TOPK for this run")
+    ap.add_argument("--sweep-from", default=None, metavar="FILE",
+                    help="without --sweep: copy the sweep section of an earlier results file, marked as such")
+    ap.add_argument("--reps", type=int, default=None, help="repetitions per timing (default: 3-7 by duration)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     ns = [int(x) for x in args.ns.split(",")]
+    global REPS
+    REPS = args.reps
+    reps_note = "median of 3-7 runs" if REPS is None else f"median of {REPS} run{'s' * (REPS != 1)}"
 
     lines = [
         "# Block-sparse links (topk) on the CPU: scaling in n",
         "",
-        f"`python3 benchmarks/topk_scaling.py{' --sweep' if args.sweep else ''}`: float32, d = dv = {D}, "
-        f"batch x heads = {B} x {H}, gamma = {GAMMA}, median of 3-7 runs after a warm-up.",
+        f"`python3 benchmarks/topk_scaling.py{''.join(' ' + a for a in sys.argv[1:])}`: float32, d = dv = {D}, "
+        f"batch x heads = {B} x {H}, gamma = {GAMMA}, {reps_note} after a warm-up.",
         f"CPU: {cpu_name()}, {os.cpu_count()} cores; NumPy {np.__version__}; load average at start "
         f"{os.getloadavg()[0]:.2f}.",
         "",
@@ -214,6 +250,8 @@ def _main(blas_note):
         lines += sw
         if args.c_topk is None:
             args.c_topk = chosen
+    elif args.sweep_from:
+        lines += earlier_sweep(args.sweep_from)
     if args.c_topk is not None and args.c_topk != _api.C_TOPK:
         lines += [f"(`C_TOPK` set to {args.c_topk:g} for this run; the library's constant was {_api.C_TOPK:g}.)", ""]
         _api.C_TOPK = args.c_topk
@@ -222,8 +260,9 @@ def _main(blas_note):
         "",
     ]
     cols, times, blocks = scaling(ns, args.exact_max_n)
-    lines.append("| n | " + " | ".join(cols) + " | topk=1 / topk=0 | topk=2 / topk=0 | topk=4 / topk=0 |")
-    lines.append("|---|" + "---|" * (len(cols) + 3))
+    lines.append("| n | " + " | ".join(cols) + " | topk=1 / topk=0 | topk=2 / topk=0 | topk=4 / topk=0 "
+                 f"| backward / forward (topk={BWD_TOPK}) |")
+    lines.append("|---|" + "---|" * (len(cols) + 4))
     for n in ns:
         cells = []
         for c in cols:
@@ -231,9 +270,15 @@ def _main(blas_note):
             cells.append("-" if t is None else f"{t * 1e3:.1f}")
         t0 = times["topk=0"][n]
         rat = [f"{times[f'topk={k}'][n] / t0:.2f}" for k in (1, 2, 4)]
+        rat.append(f"{times[BWD][n] / times[f'topk={BWD_TOPK}'][n]:.2f}")
         lines.append(f"| {n} | " + " | ".join(cells) + " | " + " | ".join(rat) + " |")
-    lines.append("| exponent | " + " | ".join(f"{exponent(times[c]):.2f}" for c in cols) + " | | | |")
+    lines.append("| exponent | " + " | ".join(f"{exponent(times[c]):.2f}" for c in cols) + " | | | | |")
     lines += [
+        "",
+        f"`{BWD}`: `chain_attention_vjp(q, k, v, gamma, dy, topk={BWD_TOPK}, y=Y, return_dgamma=True)`, given",
+        "the forward's output as the torch and JAX adapters call it (it recomputes the selection and the",
+        "row normalisers, then solves the transposed system by block backward substitution); its growth",
+        "exponent must stay at most 1.6 like the forward's.",
         "",
         "Block sizes used: "
         + "; ".join(f"topk={k}: " + ", ".join(f"{blocks[k][n]}" for n in ns) for k in TOPKS)
@@ -242,7 +287,7 @@ def _main(blas_note):
     ]
     if 4096 in times["topk=2"]:
         try:
-            t_torch, t_torch1, tv, nt = torch_dense(4096)
+            t_torch, t_torch1, tv, nt = torch_dense(4096, reps=REPS or 3)
         except ImportError:
             lines.append("PyTorch is not installed: no dense comparison.")
         else:
