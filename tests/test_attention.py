@@ -299,3 +299,19 @@ def test_vjp_reuses_a_given_output(rng):
         np.testing.assert_allclose(x, z, rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match="y must have the output's shape"):
         resolvent.chain_attention_vjp(q, k, v, 0.8, dy, y=y[:, :5])
+
+
+@pytest.mark.parametrize("method", ["exact", "blockwise"])
+def test_batch_split_over_threads_changes_nothing(blockwise_path, rng, monkeypatch, method):
+    from resolvent import _threads
+
+    q, k, v, dy = rng.standard_normal((4, 5, 33, 4))
+    gamma = np.linspace(0.1, 0.9, 5)
+    serial = resolvent.chain_attention(q, k, v, gamma, method=method, block_size=6)
+    grads = resolvent.chain_attention_vjp(q, k, v, gamma, dy, method=method, block_size=6)
+    monkeypatch.setattr(_threads, "PARALLEL_MIN", 0)
+    monkeypatch.setattr(_threads, "workers", lambda: 3)
+    np.testing.assert_allclose(resolvent.chain_attention(q, k, v, gamma, method=method, block_size=6), serial,
+                               rtol=1e-12, atol=1e-14)
+    for a, b in zip(resolvent.chain_attention_vjp(q, k, v, gamma, dy, method=method, block_size=6), grads):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)

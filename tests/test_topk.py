@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import resolvent
+from resolvent import _threads
 from resolvent.attention import _topk
 
 from reference import ahat, chain_reference, dense_attention
@@ -212,8 +213,8 @@ def test_batch_split_over_threads_changes_nothing(rng, monkeypatch):
     q, k, v = rng.standard_normal((3, 5, 37, 4))
     gamma = np.linspace(0.1, 0.9, 5)
     serial = chain_topk(q, k, v, gamma, 6, 2)
-    monkeypatch.setattr(_topk, "PARALLEL_MIN", 0)
-    monkeypatch.setattr(_topk, "_workers", lambda: 3)
+    monkeypatch.setattr(_threads, "PARALLEL_MIN", 0)
+    monkeypatch.setattr(_threads, "workers", lambda: 3)
     np.testing.assert_allclose(chain_topk(q, k, v, gamma, 6, 2), serial, rtol=1e-12, atol=1e-14)
 
 
@@ -446,8 +447,8 @@ def test_vjp_large_batch_and_threads_change_nothing(rng, monkeypatch):
         one = _topk.backward(q[i : i + 1], k[i : i + 1], v[i : i + 1], gamma[i : i + 1], 3, 1, 0.7, dy[i : i + 1])
         for a, c in zip(one, serial):
             np.testing.assert_allclose(a[0], c[i], rtol=1e-11, atol=1e-13)
-    monkeypatch.setattr(_topk, "PARALLEL_MIN", 0)
-    monkeypatch.setattr(_topk, "_workers", lambda: 3)
+    monkeypatch.setattr(_threads, "PARALLEL_MIN", 0)
+    monkeypatch.setattr(_threads, "workers", lambda: 3)
     y = _topk.forward(q, k, v, gamma, 3, 1, 0.7)
     for a, c in zip(_topk.backward(q, k, v, gamma, 3, 1, 0.7, dy, y=y), serial):
         np.testing.assert_allclose(a, c, rtol=1e-12, atol=1e-13)

@@ -23,6 +23,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.linalg import solve_triangular
 
+from .._threads import one_blas_thread, split_batch
+
 
 # None: use the Numba kernel when Numba imports; True/False force a path (tests cover both).
 USE_NUMBA: bool | None = None
@@ -108,10 +110,16 @@ def use_numba() -> bool:
 
 
 def forward(q, k, v, gamma, b, scale):
-    """Blockwise chain attention on flattened inputs: q, k (B, n, d), v (B, n, dv), gamma (B,)."""
+    """Blockwise chain attention on flattened inputs: q, k (B, n, d), v (B, n, dv), gamma (B,).
+
+    BLAS runs on one thread: the cores go to the Numba kernels' parallel loops, or without Numba to
+    slices of the batch (see ``resolvent._threads``).
+    """
     if use_numba():
-        return _forward_fused(q, k, v, gamma, b, scale)
-    return _forward_numpy(q, k, v, gamma, b, scale)
+        with one_blas_thread():
+            return _forward_fused(q, k, v, gamma, b, scale)
+    B, n, d = q.shape
+    return split_batch(_forward_numpy, (q, k, v, gamma), (b, scale), B * n * (d + v.shape[-1]))
 
 
 def _reduced_and_combine(Y0, h, W, gamma, b, n):
@@ -178,8 +186,9 @@ def backward(q, k, v, gamma, b, scale, dy, y=None):
         y = forward(q, k, v, gamma, b, scale)
     X = y / (1 - gamma.astype(q.dtype, copy=False)).reshape(B, 1, 1)
     if use_numba():
-        return _backward_fused(q, k, v, gamma, b, scale, dy, X)
-    return _backward_numpy(q, k, v, gamma, b, scale, dy, X)
+        with one_blas_thread():
+            return _backward_fused(q, k, v, gamma, b, scale, dy, X)
+    return split_batch(_backward_numpy, (q, k, v, gamma, dy, X), (b, scale), B * q.shape[1] * q.shape[2])
 
 
 def _add_per_block(x: np.ndarray, per_block: np.ndarray, b: int) -> None:
@@ -234,7 +243,7 @@ def _backward_fused(q, k, v, gamma, b, scale, dy, X):
     return dq, dk, dvv, dgamma
 
 
-def _backward_numpy(q, k, v, gamma, b, scale, dy, X):
+def _backward_numpy(q, k, v, gamma, dy, X, b, scale):
     """Vector-Jacobian product of :func:`forward`: ``(dq, dk, dv, dgamma)`` in O(n b d + m^2 d).
 
     ``(I - gamma Ahat)^T = M0^T - gamma E W^T E^T diag(u)``, so by Woodbury again (with the same

@@ -20,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.linalg import solve_triangular
 
+from .._threads import one_blas_thread, split_batch
+
 TQ = 128  # query rows per tile
 TK = 1024  # keys per chunk of the streaming pass
 
@@ -29,7 +31,11 @@ def row_logsumexp(q, k, scale, tq=None, tk=None):
 
     Shapes: q, k (B, n, d) -> (B, n).  Memory O(B tq tk).
     """
-    tq, tk = tq or TQ, tk or TK
+    with one_blas_thread():
+        return _row_logsumexp(q, k, scale, tq or TQ, tk or TK)
+
+
+def _row_logsumexp(q, k, scale, tq, tk):
     B, n, _ = q.shape
     out = np.empty((B, n), dtype=q.dtype)
     for i0 in range(0, n, tq):
@@ -49,9 +55,17 @@ def row_logsumexp(q, k, scale, tq=None, tk=None):
     return out
 
 
-def forward(q, k, v, gamma, scale, tq=None, tk=None):
-    """Exact chain attention on flattened inputs: q, k (B, n, d), v (B, n, dv), gamma (B,)."""
-    tq, tk = tq or TQ, tk or TK
+def forward(q, k, v, gamma, scale):
+    """Exact chain attention on flattened inputs: q, k (B, n, d), v (B, n, dv), gamma (B,).
+
+    The batch is split over the cores, BLAS on one thread (see ``resolvent._threads``).
+    """
+    B, n, d = q.shape
+    return split_batch(_forward, (q, k, v, gamma), (scale,), B * n * (d + v.shape[-1]))
+
+
+def _forward(q, k, v, gamma, scale):
+    tq, tk = TQ, TK
     B, n, _ = q.shape
     dv = v.shape[-1]
     dt = q.dtype
@@ -96,7 +110,13 @@ def forward(q, k, v, gamma, scale, tq=None, tk=None):
     return (1 - g) * VX[..., dv:]
 
 
-def backward(q, k, v, gamma, scale, dy, tq=None):
+def backward(q, k, v, gamma, scale, dy):
+    """Vector-Jacobian product of :func:`forward`: ``(dq, dk, dv, dgamma)`` (see ``_backward``)."""
+    B, n, d = q.shape
+    return split_batch(_backward, (q, k, v, gamma, dy), (scale,), B * n * (d + v.shape[-1]))
+
+
+def _backward(q, k, v, gamma, dy, scale):
     """Vector-Jacobian product of :func:`forward`, streaming: ``(dq, dk, dv, dgamma)``.
 
     ``G = (I - gamma A)^{-T} dX`` is upper triangular in the tiles, so it is solved by backward
@@ -106,11 +126,11 @@ def backward(q, k, v, gamma, scale, dy, tq=None):
     ``dS = A * (G R_I^T - delta)`` (``R = V + gamma X``, ``delta_t = G_t . X_t``), ``dq += scale dS k_I``,
     ``dk_I = scale dS^T q``, ``dV_I = A^T G`` and ``(A X)_t`` for ``dgamma``.  Memory O(n tq).
     """
-    tq = tq or TQ
+    tq = TQ
     B, n, _ = q.shape
     dt = q.dtype
     g = gamma.astype(dt, copy=False).reshape(B, 1, 1)
-    X = forward(q, k, v, gamma, scale) / (1 - g)
+    X = _forward(q, k, v, gamma, scale) / (1 - g)
     lse = row_logsumexp(q, k, scale)
     dX = (1 - g) * dy
     R = v + g * X

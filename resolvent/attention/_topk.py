@@ -37,39 +37,12 @@ section 8.
 
 from __future__ import annotations
 
-import contextlib
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
 from scipy.linalg import get_blas_funcs
 
-
-_BLAS_CONTROLLER = None
-PARALLEL_MIN = 1 << 20  # B * n * (d + dv) from which the batch is split over the cores
-
-
-def _one_blas_thread():
-    """A context in which BLAS runs on one thread, when ``threadpoolctl`` is installed.
-
-    The loop below issues a few hundred small products and triangular solves; OpenBLAS threads
-    them, and when the cores are shared its spinning threads wait on each other: on the 2-core
-    benchmark machine under load, n = 4096 took 9.3 s with 2 BLAS threads and 0.18 s with one.
-    The cores are used instead by splitting the batch over threads (see :func:`forward`).  The
-    limit is process-wide while it lasts, as every BLAS thread setting is.
-    """
-    global _BLAS_CONTROLLER
-    if _BLAS_CONTROLLER is None:
-        try:
-            from threadpoolctl import ThreadpoolController
-        except ImportError:
-            _BLAS_CONTROLLER = False
-        else:
-            _BLAS_CONTROLLER = ThreadpoolController()
-    if _BLAS_CONTROLLER is False:
-        return contextlib.nullcontext()
-    return _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
+from .._threads import split_batch
 
 
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
@@ -244,28 +217,6 @@ def _lower_solver(dt, B, trans=False):
     return solve
 
 
-def _split_batch(fn, arrays, rest, work):
-    """``fn(*[a[s] for a in arrays], *rest)`` over slices of the batch on a thread pool, BLAS on one thread.
-
-    ``work`` (about ``B n (d + dv)``) decides whether threads pay off (about a millisecond of work
-    per slice).  ``fn`` returns an array or a tuple of arrays with the batch first; the slices'
-    results are concatenated.
-    """
-    B = arrays[0].shape[0]
-    workers = min(B, _workers()) if work >= PARALLEL_MIN else 1
-    with _one_blas_thread():
-        if workers < 2:
-            return fn(*arrays, *rest)
-        # batch entries are independent: one slice per core, NumPy releases the GIL in the heavy calls
-        cuts = np.linspace(0, B, workers + 1).astype(int)
-        parts = [slice(cuts[i], cuts[i + 1]) for i in range(workers)]
-        with ThreadPoolExecutor(workers) as ex:
-            outs = list(ex.map(lambda s: fn(*[a[s] for a in arrays], *rest), parts))
-    if isinstance(outs[0], tuple):
-        return tuple(np.concatenate(x, axis=0) for x in zip(*outs))
-    return np.concatenate(outs, axis=0)
-
-
 def forward(q, k, v, gamma, b, topk, scale):
     """Chain attention on the SPEC 2.3 matrix: q, k (B, n, d), v (B, n, dv), gamma (B,) -> (B, n, dv).
 
@@ -273,14 +224,7 @@ def forward(q, k, v, gamma, b, topk, scale):
     pooled operator of SPEC 2.2, a cross-check for the tests).  Computes in the dtype of ``q``.
     """
     B, n, d = q.shape
-    return _split_batch(_forward, (q, k, v, gamma), (b, topk, scale), B * n * (d + v.shape[-1]))
-
-
-def _workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    return split_batch(_forward, (q, k, v, gamma), (b, topk, scale), B * n * (d + v.shape[-1]))
 
 
 def _forward(q, k, v, gamma, b, topk, scale, L=None, stats=False):
@@ -424,7 +368,7 @@ def backward(q, k, v, gamma, b, topk, scale, dy, y=None):
     """
     B, n, d = q.shape
     arrays = (q, k, v, gamma, dy) if y is None else (q, k, v, gamma, dy, y)
-    return _split_batch(_backward, arrays, (b, topk, scale), B * n * (d + v.shape[-1]))
+    return split_batch(_backward, arrays, (b, topk, scale), B * n * (d + v.shape[-1]))
 
 
 def _backward(q, k, v, gamma, dy, *rest):
