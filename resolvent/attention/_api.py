@@ -16,7 +16,7 @@ METHODS = ("dense", "exact", "blockwise")
 
 # b = C * n^(1/3) (topk = 0) and b = C_TOPK * n^(1/2) (topk > 0), rounded to a multiple of 8.
 # Chosen from the sweep in benchmarks/block_size_sweep.py (results in benchmarks/results/).
-C_POOLED = 4.0
+C_POOLED = 1.8
 C_TOPK = 1.0
 
 
@@ -49,7 +49,7 @@ def default_block_size(n, *, topk=0):
     --------
     >>> import resolvent
     >>> resolvent.default_block_size(4096)
-    64
+    32
     """
     n = check_positive_int(n, "n", allow_none=False)
     topk = _check_topk(topk)
