@@ -60,7 +60,7 @@ CHILD = textwrap.dedent(
         out[f"fwd64_{key}"] = rel(y, y_ref)
         grads = GB.backward(np, q, k, v, gam, b, scale, dy, nt=nt)
         X = y_ref / (1 - gam[:, None, None])
-        ref = CB._backward_numpy(q, k, v, gam, b, scale, dy, X)
+        ref = CB._backward_numpy(q, k, v, gam, dy, X, b, scale)
         out[f"bwd64_{key}"] = max(rel(a, r) for a, r in zip(grads, ref))
         f32 = [x.astype(np.float32) for x in (q, k, v, gam, dy)]
         y32 = GB.forward(np, *f32[:4], b, scale, nt=nt)
@@ -114,7 +114,7 @@ CHILD = textwrap.dedent(
     y_ref = CB._forward_numpy(q, k, v, gam, 6, 0.6)
     out["batched_fwd64"] = rel(y, y_ref)
     grads = GB.backward(np, q, k, v, gam, 6, 0.6, dy, nt=16)
-    ref = CB._backward_numpy(q, k, v, gam, 6, 0.6, dy, y_ref / (1 - gam[:, None, None]))
+    ref = CB._backward_numpy(q, k, v, gam, dy, y_ref / (1 - gam[:, None, None]), 6, 0.6)
     out["batched_bwd64"] = max(rel(a, r) for a, r in zip(grads, ref))
     print("RESULTS" + json.dumps(out))
     """

@@ -13,7 +13,7 @@ import numpy as np
 
 from .._errors import SolveInfo
 from .._validate import check_choice, check_gamma, check_positive_int
-from ..attention._api import METHODS, _check_scale, _check_topk
+from ..attention._api import METHODS, _check_scale, _check_topk, check_qkv_shapes
 from ..attention._api import default_block_size as _cpu_default_block_size
 
 __all__ = ["chain_attention", "chain_attention_vjp", "default_block_size", "block_mass", "chain", "solve",
@@ -79,19 +79,7 @@ def _prepare_qkv(q, k, v):
     for nm, x in (("q", q), ("k", k), ("v", v)):
         if x.dtype.kind == "c":
             raise ValueError(f"{nm} must be real for attention, got dtype {x.dtype}")
-    n, d = q.shape[-2:]
-    if k.shape[-2:] != (n, d):
-        raise ValueError(f"k must have shape (..., n, d) = (..., {n}, {d}) like q, got {k.shape}")
-    if v.shape[-2] != n:
-        raise ValueError(f"v must have shape (..., n, dv) with n = {n} like q, got {v.shape}")
-    if n < 1 or d < 1 or v.shape[-1] < 1:
-        raise ValueError(f"q, k, v must be non-empty, got shapes {q.shape}, {k.shape}, {v.shape}")
-    try:
-        batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    except ValueError:
-        raise ValueError(
-            f"batch dimensions of q {q.shape[:-2]}, k {k.shape[:-2]} and v {v.shape[:-2]} do not broadcast"
-        ) from None
+    batch, n, d = check_qkv_shapes(q, k, v)
     dt = np.result_type(q.dtype, k.dtype, v.dtype)
     out_dt = np.dtype(np.float16) if in16 else dt
     _all_finite(("q", q), ("k", k), ("v", v))

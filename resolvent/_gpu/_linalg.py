@@ -20,39 +20,12 @@ def _cp():
 
 def prepare(A, B, z, check_finite):
     """Validate as ``resolvent.linalg._solve._prepare``; return ``(A, B3, vector, dtype, batch)``."""
+    from ..linalg._solve import check_solve_shapes
     from ._api import _all_finite, _as_float
 
     A = _as_float(A, "A")
     B = _as_float(B, "B")
-    if A.ndim < 2 or A.shape[-1] != A.shape[-2]:
-        raise ValueError(
-            f"A must be a square matrix or a stack of them, shape (..., n, n); got shape {A.shape}"
-        )
-    n = A.shape[-1]
-    if B.ndim == 0:
-        raise ValueError(f"B must have shape (..., n) or (..., n, k) with n = {n}; got a scalar")
-    vector = B.ndim == 1 or (B.ndim == A.ndim - 1 and B.shape[-1] == n)
-    if vector:
-        if B.shape[-1] != n:
-            raise ValueError(
-                f"B must have shape (..., n) or (..., n, k) with n = {n} (A has shape {A.shape}); "
-                f"got shape {B.shape}"
-            )
-        B3 = B[..., None]
-    else:
-        if B.shape[-2] != n:
-            raise ValueError(
-                f"B must have shape (..., n) or (..., n, k) with n = {n} (A has shape {A.shape}); "
-                f"got shape {B.shape}, whose axis -2 has length {B.shape[-2]}"
-            )
-        B3 = B
-    try:
-        batch = np.broadcast_shapes(A.shape[:-2], B3.shape[:-2])
-    except ValueError:
-        raise ValueError(
-            f"the batch dimensions of A {A.shape[:-2]} and B {B3.shape[:-2]} do not broadcast "
-            f"(A has shape {A.shape}, B has shape {B.shape})"
-        ) from None
+    B3, vector, batch = check_solve_shapes(A, B)
     if check_finite:
         _all_finite(("A", A), ("B", B))
     dtype = np.result_type(A.dtype, B3.dtype)

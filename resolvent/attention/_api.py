@@ -78,16 +78,8 @@ def _real_float(x: np.ndarray, name: str) -> np.ndarray:
     return x
 
 
-def prepare_qkv(q, k, v):
-    """Validate q, k, v and flatten their batch dimensions.
-
-    Returns ``(q, k, v, batch_shape, compute_dtype, out_dtype)`` with q, k of shape (B, n, d) and
-    v of shape (B, n, dv), all in ``compute_dtype`` (float32 or float64).
-    """
-    in_dtypes = [np.asarray(x).dtype if not hasattr(x, "dtype") else np.dtype(x.dtype) for x in (q, k, v)]
-    q = _real_float(as_inexact(q, "q", min_ndim=2), "q")
-    k = _real_float(as_inexact(k, "k", min_ndim=2), "k")
-    v = _real_float(as_inexact(v, "v", min_ndim=2), "v")
+def check_qkv_shapes(q, k, v):
+    """The shape checks of q, k, v, shared by the CPU and GPU backends; returns ``(batch, n, d)``."""
     n, d = q.shape[-2:]
     if k.shape[-2:] != (n, d):
         raise ValueError(f"k must have shape (..., n, d) = (..., {n}, {d}) like q, got {k.shape}")
@@ -101,6 +93,20 @@ def prepare_qkv(q, k, v):
         raise ValueError(
             f"batch dimensions of q {q.shape[:-2]}, k {k.shape[:-2]} and v {v.shape[:-2]} do not broadcast"
         ) from None
+    return batch, n, d
+
+
+def prepare_qkv(q, k, v):
+    """Validate q, k, v and flatten their batch dimensions.
+
+    Returns ``(q, k, v, batch_shape, compute_dtype, out_dtype)`` with q, k of shape (B, n, d) and
+    v of shape (B, n, dv), all in ``compute_dtype`` (float32 or float64).
+    """
+    in_dtypes = [np.asarray(x).dtype if not hasattr(x, "dtype") else np.dtype(x.dtype) for x in (q, k, v)]
+    q = _real_float(as_inexact(q, "q", min_ndim=2), "q")
+    k = _real_float(as_inexact(k, "k", min_ndim=2), "k")
+    v = _real_float(as_inexact(v, "v", min_ndim=2), "v")
+    batch, n, d = check_qkv_shapes(q, k, v)
     dt = np.result_type(q.dtype, k.dtype, v.dtype)
     out_dt = dt
     if all(t == np.float16 for t in in_dtypes):

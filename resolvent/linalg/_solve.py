@@ -61,10 +61,12 @@ def _check_tol(tol, dtype) -> float:
     return float(tol)
 
 
-def _prepare(A, B, check_finite: bool):
-    """Validate and convert ``A``, ``B``; return ``(A, B3, vector)`` with ``B3`` of shape (..., n, k)."""
-    A = as_inexact(A, "A")
-    B = as_inexact(B, "B")
+def check_solve_shapes(A, B):
+    """The shape checks of ``solve``, shared by the CPU and GPU backends.
+
+    Returns ``(B3, vector, batch)``: ``B`` as (..., n, k), whether it was a vector, the broadcast
+    batch shape.
+    """
     if A.ndim < 2 or A.shape[-1] != A.shape[-2]:
         raise ValueError(
             f"A must be a square matrix or a stack of them, shape (..., n, n); got shape {A.shape}"
@@ -88,12 +90,20 @@ def _prepare(A, B, check_finite: bool):
             )
         B3 = B
     try:
-        np.broadcast_shapes(A.shape[:-2], B3.shape[:-2])
+        batch = np.broadcast_shapes(A.shape[:-2], B3.shape[:-2])
     except ValueError:
         raise ValueError(
             f"the batch dimensions of A {A.shape[:-2]} and B {B3.shape[:-2]} do not broadcast "
             f"(A has shape {A.shape}, B has shape {B.shape})"
         ) from None
+    return B3, vector, batch
+
+
+def _prepare(A, B, check_finite: bool):
+    """Validate and convert ``A``, ``B``; return ``(A, B3, vector)`` with ``B3`` of shape (..., n, k)."""
+    A = as_inexact(A, "A")
+    B = as_inexact(B, "B")
+    B3, vector, _ = check_solve_shapes(A, B)
     if check_finite:
         check_finite_array(A, "A")
         check_finite_array(B, "B")
