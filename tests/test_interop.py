@@ -17,22 +17,7 @@ jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Run BLAS and Numba on one thread: the problems here are tiny, and on a shared 2-core machine
-    waking and spinning worker threads costs up to 100x the arithmetic (same numbers either way)."""
-    threadpoolctl = pytest.importorskip("threadpoolctl")
-    try:
-        import numba
-    except ImportError:  # pragma: no cover - numba is optional
-        numba = None
-    old = numba.get_num_threads() if numba else None
-    with threadpoolctl.threadpool_limits(1):
-        if numba:
-            numba.set_num_threads(1)
-        yield
-        if numba:
-            numba.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def qkv(rng, shape=(2, 12, 3)):

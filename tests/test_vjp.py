@@ -30,22 +30,7 @@ METHODS = [
 IDS = ["dense", "exact", "blockwise-b4", "blockwise-b5", "blockwise-b16", "topk1-b3", "topk2-b4"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Run BLAS and Numba on one thread: the problems here are tiny, and on a shared 2-core machine
-    waking and spinning worker threads costs up to 100x the arithmetic (same numbers either way)."""
-    threadpoolctl = pytest.importorskip("threadpoolctl")
-    try:
-        import numba
-    except ImportError:  # pragma: no cover - numba is optional
-        numba = None
-    old = numba.get_num_threads() if numba else None
-    with threadpoolctl.threadpool_limits(1):
-        if numba:
-            numba.set_num_threads(1)
-        yield
-        if numba:
-            numba.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
