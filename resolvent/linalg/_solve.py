@@ -1,8 +1,8 @@
 """Resolvent solves ``X = (zI - A)^{-1} B`` on arbitrary matrices: the public, validating layer.
 
 The computing lives in ``_direct`` (LU / triangular), ``_block`` (block-Jacobi, two-level) and
-``_shifts`` (Schur form for many shifts); this module checks and converts the input, applies the
-``method="auto"`` rule and shapes the output.  Derivations: docs/solvers.md.
+``solve_shifts`` below (one complex Schur form, then a triangular solve per shift); this module
+checks and converts the input, applies the ``method="auto"`` rule and shapes the output.  Derivations: docs/solvers.md.
 """
 
 from __future__ import annotations
