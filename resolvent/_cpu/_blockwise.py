@@ -18,6 +18,39 @@ import numpy as np
 FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 
 
+@numba.njit(fastmath=FASTMATH, cache=True)
+def _block_attention(qI, kI, scale, has_pooled, c, pooled, S, u):  # pragma: no cover - compiled
+    """One block's rows of ``Ahat``: ``S[i, j] = D_ts`` for ``j <= i`` (T x T, causal) and
+    ``u[i] = u_t``, normalised by the full row sum including the pooled mass ``pooled`` with the
+    pooled shift ``c``; every exponent is ``<= 0``.  Shared by the forward and backward kernels."""
+    T, d = qI.shape
+    zero = np.zeros(1, dtype=S.dtype)[0]
+    for i in range(T):
+        rmax = -np.inf
+        for j in range(i + 1):
+            acc = zero
+            for a in range(d):
+                acc += qI[i, a] * kI[j, a]
+            acc *= scale
+            S[i, j] = acc
+            rmax = max(rmax, acc)
+        if has_pooled:
+            rmax = max(rmax, c)
+        z = zero
+        for j in range(i + 1):
+            e = math.exp(S[i, j] - rmax)
+            S[i, j] = e
+            z += e
+        ec = zero
+        if has_pooled:
+            ec = math.exp(c - rmax)
+            z += ec * pooled
+        inv_z = 1.0 / z
+        for j in range(i + 1):
+            S[i, j] *= inv_z
+        u[i] = ec * inv_z
+
+
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _within_blocks(q, k, v, gamma, b, scale, c, pooled, P, X, h, rr, g):  # pragma: no cover
     """Fill ``X`` (B, n, dv) with ``M0^{-1} U`` and ``h`` (B, n) with ``M0^{-1} (gamma u)``, and
@@ -46,36 +79,17 @@ def _within_blocks(q, k, v, gamma, b, scale, c, pooled, P, X, h, rr, g):  # prag
         rsum = rr[p, I]
         rsum[:] = 0
         gsum = zero
+        uI = np.empty(T, dtype=q.dtype)
+        _block_attention(qI, kI, scale, I > 0, c[p, I], pooled[p, I], S, uI)
         for i in range(T):
-            # scores s_ts for s <= t, and the row max including the pooled shift
-            rmax = -np.inf
-            for j in range(i + 1):
-                acc = zero
-                for a in range(d):
-                    acc += qI[i, a] * kI[j, a]
-                acc *= scale
-                S[i, j] = acc
-                rmax = max(rmax, acc)
-            if I > 0:
-                rmax = max(rmax, c[p, I])
-            z = zero
-            for j in range(i + 1):
-                e = math.exp(S[i, j] - rmax)
-                S[i, j] = e
-                z += e
-            ec = zero
-            if I > 0:
-                ec = math.exp(c[p, I] - rmax)
-                z += ec * pooled[p, I]
-            inv_z = 1.0 / z
-            u = ec * inv_z
-            dtt = S[i, i] * inv_z
+            u = uI[i]
+            dtt = S[i, i]
             # x_t = (u P_I + D_tt v_t + sum_{s<t} D_ts (v_s + gamma x_s)) / (1 - gamma D_tt)
             hacc = gam * u
             for a in range(dv):
                 w[i, a] = u * PI[a] + dtt * vI[i, a]
             for j in range(i):
-                dts = S[i, j] * inv_z
+                dts = S[i, j]
                 hacc += gam * dts * h[p, t0 + j]
                 for a in range(dv):
                     w[i, a] += dts * w[j, a]
@@ -135,30 +149,7 @@ def _backward_solve(q, k, gamma, b, scale, c, pooled, dX, Dst, u, G0, hp, rr, g)
         kI = k[p, t0 : t0 + T]
         S = Dst[p, I]
         uI = u[p, t0 : t0 + T]
-        for i in range(T):
-            rmax = -np.inf
-            for j in range(i + 1):
-                acc = zero
-                for a in range(d):
-                    acc += qI[i, a] * kI[j, a]
-                acc *= scale
-                S[i, j] = acc
-                rmax = max(rmax, acc)
-            if I > 0:
-                rmax = max(rmax, c[p, I])
-            z = zero
-            for j in range(i + 1):
-                e = math.exp(S[i, j] - rmax)
-                S[i, j] = e
-                z += e
-            ec = zero
-            if I > 0:
-                ec = math.exp(c[p, I] - rmax)
-                z += ec * pooled[p, I]
-            inv_z = 1.0 / z
-            for j in range(i + 1):
-                S[i, j] *= inv_z
-            uI[i] = ec * inv_z
+        _block_attention(qI, kI, scale, I > 0, c[p, I], pooled[p, I], S, uI)
         # backward substitution with M0^T = I - gamma D^T (upper triangular)
         GI = G0[p, t0 : t0 + T]
         dXI = dX[p, t0 : t0 + T]
