@@ -315,3 +315,39 @@ def test_batch_split_over_threads_changes_nothing(blockwise_path, rng, monkeypat
                                rtol=1e-12, atol=1e-14)
     for a, b in zip(resolvent.chain_attention_vjp(q, k, v, gamma, dy, method=method, block_size=6), grads):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+# --- chain on an explicit matrix -------------------------------------------------------------
+
+
+@given(st.integers(2, 30), st.integers(1, 3), st.floats(0.0, 0.95), st.booleans(), st.integers(0, 2**32 - 1))
+def test_chain_equals_explicit_inverse(n, k, gamma, causal, seed):
+    rng = np.random.default_rng(seed)
+    A = rng.random((2, n, n)) + 0.01
+    if causal:
+        A = np.tril(A)
+    A /= A.sum(axis=-1, keepdims=True)  # row-stochastic: the series converges for gamma < 1
+    V = rng.standard_normal((2, n, k))
+    ref = chain_reference(A, V, np.full(2, gamma))
+    assert rel(resolvent.chain(A, V, gamma), ref, V) < 1e-10
+    assert rel(resolvent.chain(A[0], V[0, :, 0], gamma), ref[0, :, 0], V[0]) < 1e-10
+
+
+@pytest.mark.parametrize("method", ["direct", "block_jacobi", "two_level", "auto"])
+def test_chain_methods_agree_with_per_head_gamma(rng, method):
+    A = rng.random((3, 40, 40))
+    A /= A.sum(axis=-1, keepdims=True)
+    V = rng.standard_normal((3, 40, 2))
+    gamma = np.array([0.2, 0.6, 0.9])
+    y = resolvent.chain(A, V, gamma, method=method, block_size=8, tol=1e-12)
+    assert rel(y, chain_reference(A, V, gamma), V) < 1e-9
+
+
+def test_chain_bad_input(rng):
+    A = rng.random((5, 5))
+    with pytest.raises(ValueError, match=r"A must be square with shape \(\.\.\., n, n\)"):
+        resolvent.chain(A[:, :4], np.ones(5), 0.5)
+    with pytest.raises(ValueError, match=r"V must have shape \(\.\.\., 5\) or \(\.\.\., 5, k\)"):
+        resolvent.chain(A, np.ones(4), 0.5)
+    with pytest.raises(ValueError, match="gamma must lie in"):
+        resolvent.chain(A, np.ones(5), 1.0)

@@ -13,7 +13,7 @@ import numpy as np
 
 from .._errors import SolveInfo
 from .._validate import check_choice, check_gamma, check_positive_int
-from ..attention._api import METHODS, _check_scale, _check_topk, check_qkv_shapes
+from ..attention._api import METHODS, _check_scale, _check_topk, check_chain_shapes, check_qkv_shapes
 from ..attention._api import default_block_size as _cpu_default_block_size
 
 __all__ = ["chain_attention", "chain_attention_vjp", "default_block_size", "block_mass", "chain", "solve",
@@ -245,17 +245,8 @@ def chain(A, V, gamma, *, method="auto", block_size=None, tol=None):
     cp = _cp()
     A = _as_float(A, "A", 2)
     V = _as_float(V, "V", 1)
+    Vm, vector, batch = check_chain_shapes(A, V)
     n = A.shape[-1]
-    if A.shape[-2] != n:
-        raise ValueError(f"A must be square with shape (..., n, n), got {A.shape}")
-    vector = V.ndim == 1
-    Vm = V[:, None] if vector else V
-    if Vm.shape[-2] != n:
-        raise ValueError(f"V must have shape (..., {n}) or (..., {n}, k) to match A {A.shape}, got {V.shape}")
-    try:
-        batch = np.broadcast_shapes(A.shape[:-2], Vm.shape[:-2])
-    except ValueError:
-        raise ValueError(f"batch dimensions of A {A.shape[:-2]} and V {Vm.shape[:-2]} do not broadcast") from None
     dt = np.result_type(A.dtype, Vm.dtype)
     gdt = np.result_type(dt, np.float32).type(0).real.dtype
     g = cp.asnumpy(gamma) if isinstance(gamma, cp.ndarray) else gamma

@@ -360,6 +360,23 @@ def block_mass(q, k, block_size, scale=None, *, topk=0):
     return np.clip(kept.mean(axis=-1), 0.0, 1.0).reshape(batch)
 
 
+def check_chain_shapes(A, V):
+    """The shape checks of ``chain`` (and its vjp, and the GPU backend's): ``(Vm, vector, batch)``
+    with ``Vm`` of shape (..., n, k), whether ``V`` was a vector, and the broadcast batch shape."""
+    n = A.shape[-1]
+    if A.shape[-2] != n:
+        raise ValueError(f"A must be square with shape (..., n, n), got {A.shape}")
+    vector = V.ndim == 1
+    Vm = V[:, None] if vector else V
+    if Vm.shape[-2] != n:
+        raise ValueError(f"V must have shape (..., {n}) or (..., {n}, k) to match A {A.shape}, got {V.shape}")
+    try:
+        batch = np.broadcast_shapes(A.shape[:-2], Vm.shape[:-2])
+    except ValueError:
+        raise ValueError(f"batch dimensions of A {A.shape[:-2]} and V {Vm.shape[:-2]} do not broadcast") from None
+    return Vm, vector, batch
+
+
 def chain(A, V, gamma, *, method="auto", block_size=None, tol=None):
     r"""The chain operator ``Y = (1 - gamma) A (I - gamma A)^{-1} V`` on an explicit matrix.
 
@@ -403,17 +420,8 @@ def chain(A, V, gamma, *, method="auto", block_size=None, tol=None):
 
     A = as_inexact(A, "A", min_ndim=2)
     V = as_inexact(V, "V", min_ndim=1)
+    Vm, vector, batch = check_chain_shapes(A, V)
     n = A.shape[-1]
-    if A.shape[-2] != n:
-        raise ValueError(f"A must be square with shape (..., n, n), got {A.shape}")
-    vector = V.ndim == 1
-    Vm = V[:, None] if vector else V
-    if Vm.shape[-2] != n:
-        raise ValueError(f"V must have shape (..., {n}) or (..., {n}, k) to match A {A.shape}, got {V.shape}")
-    try:
-        batch = np.broadcast_shapes(A.shape[:-2], Vm.shape[:-2])
-    except ValueError:
-        raise ValueError(f"batch dimensions of A {A.shape[:-2]} and V {Vm.shape[:-2]} do not broadcast") from None
     dt = np.result_type(A.dtype, Vm.dtype)
     g = check_gamma(gamma, batch, np.result_type(dt, np.float32).type(0).real.dtype)[..., None, None]
     U = A @ Vm

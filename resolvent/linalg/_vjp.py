@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._validate import as_inexact, check_finite_array, check_gamma
+from ..attention._api import check_chain_shapes
 from ._solve import _check_scalar, _common_dtype, _prepare, solve
 
 __all__ = ["solve_vjp", "chain_vjp"]
@@ -214,17 +215,8 @@ def chain_vjp(A, V, gamma, dY, *, method="auto", block_size=None, tol=None):
     """
     A = as_inexact(A, "A", min_ndim=2)
     V = as_inexact(V, "V", min_ndim=1)
+    Vm, vector, batch = check_chain_shapes(A, V)
     n = A.shape[-1]
-    if A.shape[-2] != n:
-        raise ValueError(f"A must be square with shape (..., n, n), got {A.shape}")
-    vector = V.ndim == 1
-    Vm = V[:, None] if vector else V
-    if Vm.shape[-2] != n:
-        raise ValueError(f"V must have shape (..., {n}) or (..., {n}, k) to match A {A.shape}, got {V.shape}")
-    try:
-        batch = np.broadcast_shapes(A.shape[:-2], Vm.shape[:-2])
-    except ValueError:
-        raise ValueError(f"batch dimensions of A {A.shape[:-2]} and V {Vm.shape[:-2]} do not broadcast") from None
     dt = np.result_type(A.dtype, Vm.dtype)
     real_dt = np.result_type(dt, np.float32).type(0).real.dtype
     gamma_shape = np.shape(gamma)
