@@ -10,7 +10,7 @@ import numbers
 
 import numpy as np
 
-__all__ = ["as_inexact", "check_finite_array", "check_choice", "check_positive_int", "check_gamma"]
+__all__ = ["as_inexact", "check_finite_array", "check_choice", "check_positive_int", "check_gamma", "unbroadcast"]
 
 
 def as_inexact(x, name: str, *, min_ndim: int = 0) -> np.ndarray:
@@ -77,3 +77,17 @@ def check_gamma(gamma, batch_shape: tuple, dtype) -> np.ndarray:
         raise ValueError(
             f"gamma of shape {g.shape} does not broadcast over the batch dimensions {batch_shape}"
         ) from None
+
+
+def unbroadcast(grad, shape: tuple):
+    """Sum ``grad`` over the dimensions that broadcasting added to an input of ``shape``.
+
+    Works on any array with ``sum`` and ``reshape`` (NumPy and CuPy): gradients of broadcast inputs.
+    """
+    extra = grad.ndim - len(shape)
+    if extra:
+        grad = grad.sum(axis=tuple(range(extra)))
+    axes = tuple(i for i, (s, g) in enumerate(zip(shape, grad.shape)) if s == 1 and g != 1)
+    if axes:
+        grad = grad.sum(axis=axes, keepdims=True)
+    return grad.reshape(shape)

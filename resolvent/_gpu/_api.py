@@ -12,8 +12,8 @@ import math
 import numpy as np
 
 from .._errors import SolveInfo
-from .._validate import check_choice, check_gamma, check_positive_int
-from ..attention._api import METHODS, _check_scale, _check_topk, check_chain_shapes, check_qkv_shapes
+from .._validate import check_choice, check_gamma, check_positive_int, unbroadcast
+from ..attention._api import _check_scale, check_chain_shapes, check_options, check_qkv_shapes
 from ..attention._api import default_block_size as _cpu_default_block_size
 
 __all__ = ["chain_attention", "chain_attention_vjp", "default_block_size", "block_mass", "chain", "solve",
@@ -108,11 +108,7 @@ def chain_attention(q, k, v, gamma=0.9, *, method="blockwise", block_size=None, 
     from . import _attention, _blockwise
 
     cp = _cp()
-    check_choice(method, "method", METHODS)
-    block_size = check_positive_int(block_size, "block_size")
-    topk = _check_topk(topk)
-    if topk and method != "blockwise":
-        raise ValueError(f"topk applies to method='blockwise' only, got method={method!r} with topk={topk}")
+    block_size, topk = check_options(method, block_size, topk)
     if topk:
         _topk_unsupported(topk)
     qf, kf, vf, batch, dt, out_dt = _prepare_qkv(q, k, v)
@@ -129,26 +125,12 @@ def chain_attention(q, k, v, gamma=0.9, *, method="blockwise", block_size=None, 
     return y.reshape(batch + y.shape[-2:]).astype(out_dt, copy=False)
 
 
-def _unbroadcast(grad, shape):
-    extra = grad.ndim - len(shape)
-    if extra:
-        grad = grad.sum(axis=tuple(range(extra)))
-    axes = tuple(i for i, (s, g) in enumerate(zip(shape, grad.shape)) if s == 1 and g != 1)
-    if axes:
-        grad = grad.sum(axis=axes, keepdims=True)
-    return grad.reshape(shape)
-
-
 def chain_attention_vjp(q, k, v, gamma, dy, *, method="blockwise", block_size=None, topk=0, scale=None,
                         return_dgamma=False, y=None):
     from . import _attention, _blockwise
 
     cp = _cp()
-    check_choice(method, "method", METHODS)
-    block_size = check_positive_int(block_size, "block_size")
-    topk = _check_topk(topk)
-    if topk and method != "blockwise":
-        raise ValueError(f"topk applies to method='blockwise' only, got method={method!r} with topk={topk}")
+    block_size, topk = check_options(method, block_size, topk)
     if topk:
         _topk_unsupported(topk)
     shapes = [tuple(np.shape(x)) for x in (q, k, v)]
@@ -178,11 +160,11 @@ def chain_attention_vjp(q, k, v, gamma, dy, *, method="blockwise", block_size=No
         grads = _blockwise.backward(cp, qf, kf, vf, g, b, scale, dyf, y=yf)
     dq, dk, dvv, dg = grads
     out = [
-        _unbroadcast(x.reshape(batch + x.shape[-2:]), shp).astype(out_dt, copy=False)
+        unbroadcast(x.reshape(batch + x.shape[-2:]), shp).astype(out_dt, copy=False)
         for x, shp in zip((dq, dk, dvv), shapes)
     ]
     if return_dgamma:
-        out.append(_unbroadcast(dg.reshape(batch), gamma_shape).astype(dt, copy=False))
+        out.append(unbroadcast(dg.reshape(batch), gamma_shape).astype(dt, copy=False))
     return tuple(out)
 
 
@@ -246,7 +228,6 @@ def chain(A, V, gamma, *, method="auto", block_size=None, tol=None):
     A = _as_float(A, "A", 2)
     V = _as_float(V, "V", 1)
     Vm, vector, batch = check_chain_shapes(A, V)
-    n = A.shape[-1]
     dt = np.result_type(A.dtype, Vm.dtype)
     gdt = np.result_type(dt, np.float32).type(0).real.dtype
     g = cp.asnumpy(gamma) if isinstance(gamma, cp.ndarray) else gamma

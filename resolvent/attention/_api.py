@@ -7,7 +7,7 @@ import numbers
 
 import numpy as np
 
-from .._validate import as_inexact, check_choice, check_finite_array, check_gamma, check_positive_int
+from .._validate import as_inexact, check_choice, check_finite_array, check_gamma, check_positive_int, unbroadcast
 from . import _blockwise, _dense, _exact
 
 __all__ = ["chain", "chain_attention", "chain_attention_vjp", "default_block_size", "block_mass"]
@@ -62,6 +62,16 @@ def _check_topk(topk) -> int:
     if isinstance(topk, bool) or not isinstance(topk, numbers.Integral) or topk < 0:
         raise ValueError(f"topk must be a non-negative integer, got {topk!r}")
     return int(topk)
+
+
+def check_options(method, block_size, topk):
+    """Check ``method``, ``block_size`` and ``topk`` together (CPU and GPU backends alike)."""
+    check_choice(method, "method", METHODS)
+    block_size = check_positive_int(block_size, "block_size")
+    topk = _check_topk(topk)
+    if topk and method != "blockwise":
+        raise ValueError(f"topk applies to method='blockwise' only, got method={method!r} with topk={topk}")
+    return block_size, topk
 
 
 def _check_scale(scale, d):
@@ -178,11 +188,7 @@ def chain_attention(q, k, v, gamma=0.9, *, method="blockwise", block_size=None, 
     >>> y.shape
     (2, 256, 16)
     """
-    check_choice(method, "method", METHODS)
-    block_size = check_positive_int(block_size, "block_size")
-    topk = _check_topk(topk)
-    if topk and method != "blockwise":
-        raise ValueError(f"topk applies to method='blockwise' only, got method={method!r} with topk={topk}")
+    block_size, topk = check_options(method, block_size, topk)
     qf, kf, vf, batch, dt, out_dt = prepare_qkv(q, k, v)
     n, d = qf.shape[-2:]
     scale = _check_scale(scale, d)
@@ -200,17 +206,6 @@ def chain_attention(q, k, v, gamma=0.9, *, method="blockwise", block_size=None, 
         else:
             y = _blockwise.forward(qf, kf, vf, g, b, scale)
     return y.reshape(batch + y.shape[-2:]).astype(out_dt, copy=False)
-
-
-def _unbroadcast(grad: np.ndarray, shape: tuple) -> np.ndarray:
-    """Sum ``grad`` over the dimensions that broadcasting added to an input of ``shape``."""
-    extra = grad.ndim - len(shape)
-    if extra:
-        grad = grad.sum(axis=tuple(range(extra)))
-    axes = tuple(i for i, (s, g) in enumerate(zip(shape, grad.shape)) if s == 1 and g != 1)
-    if axes:
-        grad = grad.sum(axis=axes, keepdims=True)
-    return grad.reshape(shape)
 
 
 def chain_attention_vjp(q, k, v, gamma, dy, *, method="blockwise", block_size=None, topk=0, scale=None,
@@ -257,11 +252,7 @@ def chain_attention_vjp(q, k, v, gamma, dy, *, method="blockwise", block_size=No
     >>> dv.shape
     (32, 4)
     """
-    check_choice(method, "method", METHODS)
-    block_size = check_positive_int(block_size, "block_size")
-    topk = _check_topk(topk)
-    if topk and method != "blockwise":
-        raise ValueError(f"topk applies to method='blockwise' only, got method={method!r} with topk={topk}")
+    block_size, topk = check_options(method, block_size, topk)
     shapes = [np.shape(x) for x in (q, k, v)]
     gamma_shape = np.shape(gamma)
     qf, kf, vf, batch, dt, out_dt = prepare_qkv(q, k, v)
@@ -294,11 +285,11 @@ def chain_attention_vjp(q, k, v, gamma, dy, *, method="blockwise", block_size=No
             grads = _blockwise.backward(qf, kf, vf, g, b, scale, dyf, y=yf)
     dq, dk, dvv, dg = grads
     out = [
-        _unbroadcast(x.reshape(batch + x.shape[-2:]), shp).astype(out_dt, copy=False)
+        unbroadcast(x.reshape(batch + x.shape[-2:]), shp).astype(out_dt, copy=False)
         for x, shp in zip((dq, dk, dvv), shapes)
     ]
     if return_dgamma:
-        out.append(_unbroadcast(dg.reshape(batch), gamma_shape).astype(dt, copy=False))
+        out.append(unbroadcast(dg.reshape(batch), gamma_shape).astype(dt, copy=False))
     return tuple(out)
 
 
@@ -421,7 +412,6 @@ def chain(A, V, gamma, *, method="auto", block_size=None, tol=None):
     A = as_inexact(A, "A", min_ndim=2)
     V = as_inexact(V, "V", min_ndim=1)
     Vm, vector, batch = check_chain_shapes(A, V)
-    n = A.shape[-1]
     dt = np.result_type(A.dtype, Vm.dtype)
     g = check_gamma(gamma, batch, np.result_type(dt, np.float32).type(0).real.dtype)[..., None, None]
     U = A @ Vm

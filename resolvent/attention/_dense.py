@@ -58,7 +58,6 @@ def backward(q, k, v, gamma, scale, dy):
     backward ``dS = A * (dA - delta)`` with ``delta_t = sum_s A_ts dA_ts = G_t . X_t`` (because
     ``A (V + gamma X) = X``); ``dgamma = -<dY, X> + <G, A X>``.
     """
-    n = q.shape[-2]
     g = gamma.reshape(-1, 1, 1).astype(q.dtype, copy=False)
     A = causal_attention(q, k, scale)
     M = _identity_minus(A, g)

@@ -12,7 +12,7 @@ import numbers
 
 import numpy as np
 
-from .._errors import ConvergenceError, SolveInfo
+from .._errors import SolveInfo
 from .._validate import as_inexact, check_choice, check_finite_array, check_positive_int
 from ._block import block_iterate
 from ._direct import lu_solve_checked, triangular_solve_checked

@@ -15,22 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._validate import as_inexact, check_finite_array, check_gamma
+from .._validate import as_inexact, check_finite_array, check_gamma, unbroadcast
 from ..attention._api import check_chain_shapes
 from ._solve import _check_scalar, _common_dtype, _prepare, solve
 
 __all__ = ["solve_vjp", "chain_vjp"]
-
-
-def _unbroadcast(grad: np.ndarray, shape: tuple) -> np.ndarray:
-    """Sum ``grad`` over the dimensions that broadcasting added to an input of ``shape``."""
-    extra = grad.ndim - len(shape)
-    if extra:
-        grad = grad.sum(axis=tuple(range(extra)))
-    axes = tuple(i for i, (s, g) in enumerate(zip(shape, grad.shape)) if s == 1 and g != 1)
-    if axes:
-        grad = grad.sum(axis=axes, keepdims=True)
-    return grad.reshape(shape)
 
 
 def _as_input_dtype(grad: np.ndarray, like: np.ndarray) -> np.ndarray:
@@ -148,8 +137,8 @@ def solve_vjp(A, B, dX, *, z=1.0, lower=False, method="auto", block_size=None, t
     if lower:
         dA = np.tril(dA)
     out = [
-        _as_input_dtype(_unbroadcast(dA, A.shape), A),
-        _as_input_dtype(_unbroadcast(dB3, B3.shape), B3),
+        _as_input_dtype(unbroadcast(dA, A.shape), A),
+        _as_input_dtype(unbroadcast(dB3, B3.shape), B3),
     ]
     if vector:
         out[1] = out[1][..., 0]
@@ -236,9 +225,9 @@ def chain_vjp(A, V, gamma, dY, *, method="auto", block_size=None, tol=None):
     # No tril even for a lower-triangular A: chain's value does not depend on which solver ran, so
     # entries above the diagonal have a true (non-zero) derivative, unlike solve(lower=True).
     dgamma = np.real(np.sum(-np.conj(X) * dY3 + np.conj(A @ X) * G, axis=(-2, -1)))
-    dV = _as_input_dtype(_unbroadcast(dV, Vm.shape), Vm)
+    dV = _as_input_dtype(unbroadcast(dV, Vm.shape), Vm)
     return (
-        _as_input_dtype(_unbroadcast(dA, A.shape), A),
+        _as_input_dtype(unbroadcast(dA, A.shape), A),
         dV[..., 0] if vector else dV,
-        _unbroadcast(dgamma, gamma_shape).astype(real_dt, copy=False),
+        unbroadcast(dgamma, gamma_shape).astype(real_dt, copy=False),
     )
