@@ -1,20 +1,33 @@
 """Block-sparse links (SPEC 2.3, ``method="blockwise"``, ``topk > 0``) against float64 references.
 
 The references (``tests/reference.py``) build ``Ahat`` entry by entry and apply the chain operator
-with an explicit inverse; the library never forms ``Ahat``.
+with an explicit inverse; the library never forms ``Ahat``.  Every test runs twice: on the NumPy
+path and on the fused Numba kernel (``resolvent/_cpu/_topk.py``), which also makes the selection.
 """
 
 import numpy as np
 import pytest
-from hypothesis import assume, given
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import resolvent
 from resolvent import _threads
+from resolvent._cpu import available as numba_available
 from resolvent.attention import _topk
 
 from reference import ahat, chain_reference, dense_attention
+
+PATHS = [False, pytest.param(True, marks=pytest.mark.skipif(not numba_available(), reason="numba missing"))]
+# the fixture only selects a code path: sharing it across Hypothesis examples is safe
+fixtures_ok = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(autouse=True, params=PATHS, ids=["numpy", "numba"])
+def topk_path(request, monkeypatch):
+    """Run every test on the NumPy path and on the fused Numba kernel."""
+    monkeypatch.setattr(_topk, "USE_NUMBA", request.param)
+    return request.param
 
 
 def rel(a, b, v=None):
@@ -310,6 +323,7 @@ def problems(draw, max_n=32):
     return q, k, v, gamma, b, topk
 
 
+@fixtures_ok
 @given(problems())
 def test_property_equals_explicit_ahat(p):
     q, k, v, gamma, b, topk = p
@@ -321,6 +335,7 @@ def test_property_equals_explicit_ahat(p):
     np.testing.assert_allclose(ones, 1.0, rtol=0, atol=1e-12)
 
 
+@fixtures_ok
 @given(problems(max_n=24))
 def test_property_block_mass(p):
     q, k, _, _, b, topk = p
@@ -496,6 +511,7 @@ def test_vjp_pooled_residue_is_not_a_cancellation(rng):
         assert rel(dv, want) < tol
 
 
+@fixtures_ok
 @given(problems(max_n=24), st.integers(0, 2**32 - 1))
 def test_property_vjp_against_explicit_ahat(p, seed):
     """dV and dgamma from the explicit Ahat; for V = 1 (Y = 1 whatever q, k, gamma) dq = dk = dgamma = 0."""
@@ -513,3 +529,67 @@ def test_property_vjp_against_explicit_ahat(p, seed):
     dq, dk, _, dg1 = vjp_topk(q, k, np.ones_like(v), gamma, dy, b, topk)
     for x in (dq, dk, dg1):
         np.testing.assert_allclose(x, 0.0, rtol=0, atol=1e-10 * max(np.linalg.norm(dy), 1.0))
+
+
+# --- the fused kernel against the NumPy path ---------------------------------------------------------
+
+needs_numba = pytest.mark.skipif(not numba_available(), reason="numba missing")
+
+
+def both_paths(monkeypatch, fn):
+    out = []
+    for flag in (False, True):
+        monkeypatch.setattr(_topk, "USE_NUMBA", flag)
+        out.append(fn())
+    return out
+
+
+@needs_numba
+@pytest.mark.parametrize("n, b, topk", [(37, 6, 2), (40, 8, 1), (45, 7, 3), (29, 1, 2), (12, 12, 2), (50, 4, 30)])
+def test_fused_kernel_matches_numpy_path(rng, monkeypatch, topk_path, n, b, topk):
+    """Same selection, same output (float64 to 1e-12, float32 to rounding) and the same row statistics."""
+    if not topk_path:
+        pytest.skip("compares the two paths itself")
+    q, k = 1.5 * rng.standard_normal((2, 3, n, 5))
+    v = rng.standard_normal((3, n, 4))
+    g = np.array([0.0, 0.6, 0.95])
+    scale = 0.45
+    sel_np, sel_nb = both_paths(monkeypatch, lambda: _topk._setup(q, k, b, topk, scale).sel)
+    np.testing.assert_array_equal(np.sort(sel_np, axis=-1), np.sort(sel_nb, axis=-1))
+    y_np, y_nb = both_paths(monkeypatch, lambda: _topk.forward(q, k, v, g, b, topk, scale))
+    assert rel(y_nb, y_np) < 1e-12
+    y32 = _topk.forward(*(x.astype(np.float32) for x in (q, k, v, g)), b, topk, scale)
+    assert y32.dtype == np.float32 and rel(y32, y_np) < 1e-5
+    _, mu, ell = _topk._forward(q, k, v, g, b, topk, scale, stats=True)
+    _, _, mu_nb, ell_nb = _topk._forward_numba(q, k, v, g, b, topk, scale, values=False)
+    N = mu_nb.shape[1]  # padded rows included: the backward reads their statistics too
+    np.testing.assert_allclose(mu_nb, mu[:, :N], rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(ell_nb, ell[:, :N], rtol=1e-12)
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 2e-7), (np.float64, 1e-15)])
+def test_vectorised_exp(topk_path, dtype, tol):
+    """The kernel's exp(x) for x <= 0: within a few ulp of exp, 0 for -inf and below the normal range."""
+    if not topk_path:
+        pytest.skip("one run is enough")
+    import numba
+
+    from resolvent._cpu._topk import expneg
+
+    @numba.njit
+    def run(x, out):
+        for i in range(x.shape[0]):
+            out[i] = expneg(x[i])
+
+    tiny = np.log(np.finfo(dtype).tiny)
+    x = np.concatenate([-np.geomspace(1e-30, -tiny, 20000), np.linspace(tiny, 0, 20000), [0.0, -0.0]]).astype(dtype)
+    out = np.empty_like(x)
+    run(x, out)
+    want = np.exp(x.astype(np.float64))
+    normal = x >= tiny + 1
+    assert np.all(np.abs(out[normal] - want[normal]) <= tol * want[normal])
+    edge = np.array([-np.inf, tiny - 1, -1e4], dtype=dtype)
+    out = np.empty_like(edge)
+    run(edge, out)
+    np.testing.assert_array_equal(out, 0.0)

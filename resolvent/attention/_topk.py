@@ -42,7 +42,20 @@ from typing import NamedTuple
 import numpy as np
 from scipy.linalg import get_blas_funcs
 
-from .._threads import split_batch
+from .._threads import one_blas_thread, split_batch
+
+
+# None: use the fused Numba kernel when Numba imports; True/False force a path (tests cover both).
+USE_NUMBA: bool | None = None
+
+
+def use_numba() -> bool:
+    """The fused Numba kernel runs when Numba is installed, unless ``USE_NUMBA`` is set to False."""
+    if USE_NUMBA is not None:
+        return USE_NUMBA
+    from .._cpu import available
+
+    return available()
 
 
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
@@ -141,20 +154,45 @@ class _Layout(NamedTuple):
     sigma: np.ndarray
 
 
-def _setup(q, k, b, topk, scale) -> _Layout:
-    """Padded, scaled queries, block means, the selection, its push groups and the pooled scores."""
+def _block_sizes(n, b, dt):
+    """(m,) the real block sizes (the last block may be shorter)."""
+    m = -(-n // b)
+    sizes = np.full(m, b, dtype=dt)
+    sizes[-1] = n - (m - 1) * b
+    return sizes
+
+
+def _mean_keys(k, b, sizes):
+    """(B, m, d) mean keys; also ``(B, m, b, d)`` the padded keys in blocks.  One expression for both
+    paths and for every caller, so that the forward and the backward choose the same blocks."""
+    B, n, d = k.shape
+    m = sizes.shape[0]
+    kb = _pad_rows(k, m * b).reshape(B, m, b, d)
+    return kb.sum(axis=2) / sizes[:, None], kb
+
+
+def _choose(q, qs, kbar, b, m, n, topk, scale):
+    """The selection (B, m b, kk), by the Numba kernel (from ``q``) or by :func:`_select` (from the
+    scaled, padded queries ``qs``) as :func:`use_numba` says."""
+    if use_numba():
+        from .._cpu._topk import select
+
+        return select(q, kbar, b, topk, scale)
+    return _select(qs[:, : m * b], kbar, b, m, n, topk)
+
+
+def _setup(q, k, b, topk, scale, sel=None) -> _Layout:
+    """Padded, scaled queries, block means, the selection (unless given), its push groups and the pooled scores."""
     B, n, d = q.shape
     m = -(-n // b)
     N = m * b
     dt = q.dtype
     qs = np.zeros((B, N + 1, d), dtype=dt)  # one extra zero row: the target of padded group slots
     np.multiply(q, dt.type(scale), out=qs[:, :n])
-    kp = _pad_rows(k, N)
-    sizes = np.full(m, b, dtype=dt)
-    sizes[-1] = n - (m - 1) * b
-    kb = kp.reshape(B, m, b, d)
-    kbar = kb.sum(axis=2) / sizes[:, None]
-    sel = _select(qs[:, :N], kbar, b, m, n, topk)
+    sizes = _block_sizes(n, b, dt)
+    kbar, kb = _mean_keys(k, b, sizes)
+    if sel is None:
+        sel = _choose(q, qs, kbar, b, m, n, topk, scale)
     F, off, rmax = _groups(sel, m, stride=N + 1)
     # pooled scores sigma_IJ from the mean queries (scale already in qs); only J < I is used
     qbar = qs[:, :N].reshape(B, m, b, d).sum(axis=2) / sizes[:, None]
@@ -224,7 +262,31 @@ def forward(q, k, v, gamma, b, topk, scale):
     pooled operator of SPEC 2.2, a cross-check for the tests).  Computes in the dtype of ``q``.
     """
     B, n, d = q.shape
+    if use_numba():
+        with one_blas_thread():
+            return _forward_numba(q, k, v, gamma, b, topk, scale)[0]
     return split_batch(_forward, (q, k, v, gamma), (b, topk, scale), B * n * (d + v.shape[-1]))
+
+
+def _forward_numba(q, k, v, gamma, b, topk, scale, values=True):
+    """The fused kernel (``resolvent/_cpu/_topk.py``) on the whole batch (its threads run over it).
+
+    Returns ``(Y, sel, mu, ell)``: the output (None without ``values``, when only the row statistics
+    are wanted), the selection and each row's final shift and normaliser (B, m b), as :func:`_forward`
+    with ``stats`` leaves them.
+    """
+    from .._cpu._topk import forward as fused, select
+
+    B, n, d = q.shape
+    dt = q.dtype
+    sizes = _block_sizes(n, b, dt)
+    kbar, _ = _mean_keys(k, b, sizes)
+    qbar, _ = _mean_keys(q, b, sizes)
+    qbar *= dt.type(scale)
+    sigma = qbar @ np.swapaxes(kbar, -1, -2)
+    sel = select(q, kbar, b, topk, scale)
+    y, mu, ell = fused(q, k, v, gamma, sel, sigma, b, scale, values=values)
+    return y, sel, mu, ell
 
 
 def _forward(q, k, v, gamma, b, topk, scale, L=None, stats=False):
@@ -367,8 +429,16 @@ def backward(q, k, v, gamma, b, topk, scale, dy, y=None):
     :func:`_backward` and ``docs/topk.md``.
     """
     B, n, d = q.shape
+    work = B * n * (d + v.shape[-1])
+    if use_numba():
+        # the fused kernel gives the output (unless given), the selection and the row statistics for
+        # the whole batch (Numba's threads); the NumPy backward then runs on slices of the batch
+        with one_blas_thread():
+            y_new, sel, mu, ell = _forward_numba(q, k, v, gamma, b, topk, scale, values=y is None)
+        y = y_new if y is None else y
+        return split_batch(_backward_given, (q, k, v, gamma, dy, y, sel, mu, ell), (b, topk, scale), work)
     arrays = (q, k, v, gamma, dy) if y is None else (q, k, v, gamma, dy, y)
-    return split_batch(_backward, arrays, (b, topk, scale), B * n * (d + v.shape[-1]))
+    return split_batch(_backward, arrays, (b, topk, scale), work)
 
 
 def _backward(q, k, v, gamma, dy, *rest):
@@ -402,14 +472,27 @@ def _backward(q, k, v, gamma, dy, *rest):
     else:
         y = None
         b, topk, scale = rest
-    B, n, d = q.shape
-    dv = v.shape[-1]
-    dt = q.dtype
     L = _setup(q, k, b, topk, scale)
     if y is None:
         y, mu, ell = _forward(q, k, v, gamma, b, topk, scale, L=L, stats=True)
     else:
         mu, ell = _normalisers(L, b)
+    return _backward_core(q, k, v, gamma, dy, y, L, mu, ell, b, scale)
+
+
+def _backward_given(q, k, v, gamma, dy, y, sel, mu, ell, b, topk, scale):
+    """:func:`_backward` on one slice of the batch with the output, the selection and the row
+    statistics already computed (by the fused forward kernel)."""
+    L = _setup(q, k, b, topk, scale, sel=sel)
+    return _backward_core(q, k, v, gamma, dy, y, L, mu, ell, b, scale)
+
+
+def _backward_core(q, k, v, gamma, dy, y, L, mu, ell, b, scale):
+    """The backward substitution of :func:`_backward` given the layout ``L``, the output ``y`` and
+    the row statistics ``mu``, ``ell`` (B, >= m b)."""
+    B, n, d = q.shape
+    dv = v.shape[-1]
+    dt = q.dtype
     qs, kb, kbar, qbar, sizes = L.qs, L.kb, L.kbar, L.qbar, L.sizes
     m = kb.shape[1]
     N = m * b
