@@ -89,6 +89,26 @@ CHILD = textwrap.dedent(
     K.forward_within(q, k, v, gam, b, 0.5, c, W @ sizes, W @ GB.block_sums(np, v, b), X, h, rr, g, nt=16)
     out["poison_forward_all_written"] = float(all(np.isfinite(a).all() for a in (X, h, rr, g)))
 
+    # the fused float32 pipeline: several diagonal blocks in the reduced system (4 rows instead of
+    # 64, so its flags chain), several column chunks, more than one thread group per column
+    from resolvent._gpu import _fused as GF
+    GF.NB, cw_saved = 4, GF.CW
+    for B, n, d, dv, b, nt, cw in ((2, 37, 3, 10, 3, 8, 64), (1, 50, 4, 3, 4, 16, 4), (1, 8, 2, 2, 8, 4, 64)):
+        GF.CW = cw
+        q, k, v, dy, gam = inputs(B, n, d, dv)
+        f32 = [x.astype(np.float32) for x in (q, k, v, gam)]
+        y32 = GF.forward_checked(np, *f32, b, 0.8, nt=nt)
+        out[f"fused32_B{B}_n{n}_dv{dv}_b{b}_nt{nt}_cw{cw}"] = rel(y32, CB._forward_numpy(q, k, v, gam, b, 0.8))
+    for i, name in enumerate("qkv"):
+        arrs = [x.astype(np.float32) for x in (q, k, v, gam)]
+        arrs[i][0, -1, 0] = np.inf if name == "k" else np.nan
+        try:
+            GF.forward_checked(np, *arrs, b, 0.8, nt=nt)
+            out[f"fused_nonfinite_{name}"] = 0.0
+        except ValueError as exc:
+            out[f"fused_nonfinite_{name}"] = float(str(exc).startswith(name + " must"))
+    GF.NB, GF.CW = 64, cw_saved
+
     # the blocked reduced solver across several diagonal blocks (block 4 instead of 64)
     K.RED_NB = 4
     for m, kcols in ((13, 3), (8, 1), (5, 10)):
@@ -139,13 +159,18 @@ def _keys(results, prefix):
 
 @pytest.mark.parametrize("prefix, tol", [
     ("fwd64_", 1e-10), ("bwd64_", 1e-10), ("dense_", 1e-10), ("const_", 1e-10),
-    ("fwd32_", 1e-4), ("bwd32_", 1e-4),
+    ("fwd32_", 1e-4), ("bwd32_", 1e-4), ("fused32_", 1e-4),
     ("reduced_lower_", 1e-10), ("reduced_upper_", 1e-10), ("lower_solve_", 1e-10),
     ("batched_fwd64", 1e-10), ("batched_bwd64", 1e-10),
 ])
 def test_simulated_kernels_match_cpu_float64(results, prefix, tol):
     bad = {k: results[k] for k in _keys(results, prefix) if not results[k] <= tol}
     assert not bad, f"relative errors above {tol}: {bad}"
+
+
+def test_simulated_fused_pipeline_names_nonfinite_input(results):
+    for name in "qkv":
+        assert results[f"fused_nonfinite_{name}"] == 1.0, name
 
 
 def test_simulated_kernels_write_every_output(results):

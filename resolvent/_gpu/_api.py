@@ -72,7 +72,7 @@ def _all_finite(*named):
             )
 
 
-def _prepare_qkv(q, k, v):
+def _prepare_qkv(q, k, v, finite=True):
     cp = _cp()
     in16 = all(getattr(x, "dtype", None) == np.float16 for x in (q, k, v))
     q, k, v = (_as_float(x, nm, 2) for x, nm in ((q, "q"), (k, "k"), (v, "v")))
@@ -82,7 +82,8 @@ def _prepare_qkv(q, k, v):
     batch, n, d = check_qkv_shapes(q, k, v)
     dt = np.result_type(q.dtype, k.dtype, v.dtype)
     out_dt = np.dtype(np.float16) if in16 else dt
-    _all_finite(("q", q), ("k", k), ("v", v))
+    if finite:
+        _all_finite(("q", q), ("k", k), ("v", v))
     B = math.prod(batch)
 
     def flat(x, last):
@@ -105,22 +106,25 @@ def _topk_unsupported(topk):
 
 
 def chain_attention(q, k, v, gamma=0.9, *, method="blockwise", block_size=None, topk=0, scale=None):
-    from . import _attention, _blockwise
+    from . import _attention, _blockwise, _fused
 
     cp = _cp()
     block_size, topk = check_options(method, block_size, topk)
     if topk:
         _topk_unsupported(topk)
-    qf, kf, vf, batch, dt, out_dt = _prepare_qkv(q, k, v)
+    qf, kf, vf, batch, dt, out_dt = _prepare_qkv(q, k, v, finite=False)
     n, d = qf.shape[-2:]
     scale = _check_scale(scale, d)
     g = _gamma(gamma, batch, dt)
+    b = min(block_size or gpu_block_size(n), n)
+    if not (method == "blockwise" and _fused.supported(dt, b)):
+        # the fused pipeline checks inside its kernels, with one synchronisation at the end
+        _all_finite(("q", qf), ("k", kf), ("v", vf))
     if method == "dense":
         y = _attention.dense_forward(cp, qf, kf, vf, g, scale)
     elif method == "exact":
         y = _attention.exact_forward(cp, qf, kf, vf, g, scale)
     else:
-        b = min(block_size or gpu_block_size(n), n)
         y = _blockwise.forward(cp, qf, kf, vf, g, b, scale)
     return y.reshape(batch + y.shape[-2:]).astype(out_dt, copy=False)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _fused
 from . import _kernels as K
 
 __all__ = ["forward", "backward", "pooled_scores", "solve_unit_lower", "lower_solve", "block_sums"]
@@ -115,7 +116,13 @@ def lower_solve(xp, M, R, *, lower=True, stream=None, nt=None):
 
 
 def forward(xp, q, k, v, gamma, b, scale, *, stream=None, nt=None):
-    """Blockwise chain attention on flattened inputs: q, k (B, n, d), v (B, n, dv), gamma (B,)."""
+    """Blockwise chain attention on flattened inputs: q, k (B, n, d), v (B, n, dv), gamma (B,).
+
+    float32 with ``b <= MAX_BLOCK`` runs the four-launch pipeline of :mod:`._fused`, which also
+    checks that q, k, v are finite (``ValueError``); other cases the kernels below.
+    """
+    if _fused.supported(q.dtype, b):
+        return _fused.forward_checked(xp, q, k, v, gamma, b, scale, nt=nt)
     if b > K.MAX_BLOCK:
         return _forward_batched(xp, q, k, v, gamma, b, scale, stream=stream, nt=nt)
     B, n, d = q.shape

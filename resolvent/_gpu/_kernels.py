@@ -60,9 +60,10 @@ def _cdiv(a, b):
 
 
 def _numba_type(dtype):
-    from numba import float32, float64
+    from numba import float32, float64, int32
 
-    return float32 if np.dtype(dtype) == np.float32 else float64
+    dt = np.dtype(dtype)
+    return {np.dtype(np.float32): float32, np.dtype(np.int32): int32}.get(dt, float64)
 
 
 def _simulated() -> bool:
@@ -83,23 +84,28 @@ def threads(nt=None):
 
 
 @functools.cache
-def _tri_prod(BP, K, NT, dtype, combine_mode):
+def _tri_prod(BP, K, NT, dtype, combine_mode, kc=KC):
     """Device function: the causal lower triangle of ``A_I (B_I + c2 Bc_I)^T`` into shared ``S``.
 
     ``combine_mode`` False: ``S[i, j] = scale * acc``.  True (the backward's ``dS``):
     ``S[i, j] = scale * S[i, j] * (acc - delta[i])``, ``S`` holding ``D`` on entry.
     Entries with ``j > i`` are written with garbage on the diagonal tiles and are never read.
+    ``qs``, ``ks`` are shared ``(BP, >= min(kc, K))`` buffers: ``K`` is streamed in chunks of ``kc``.
     """
     NTR = BP // 4
     NTILE = NTR * NTR
     ITERS = _cdiv(NTILE, NT)
-    KCc = min(KC, K)
+    KCc = min(kc, K)
     NCH = _cdiv(K, KCc)
     ZERO = np.dtype(dtype).type(0)
+    LIT = _cdiv(BP * KCc, NT)  # chunk elements per thread: loaded into registers first
+    nbt = _numba_type(dtype)
 
     @cuda.jit(device=True)
     def tri_prod(A, B, Bc, c2, p, t0, T, S, qs, ks, scale, delta):
         tid = cuda.threadIdx.x
+        bq = cuda.local.array(LIT, nbt)
+        bk = cuda.local.array(LIT, nbt)
         for it in range(ITERS):
             tile = tid + it * NT
             active = tile < NTILE
@@ -117,17 +123,22 @@ def _tri_prod(BP, K, NT, dtype, combine_mode):
             a33 = ZERO
             for ch in range(NCH):
                 k0 = ch * KCc
-                cuda.syncthreads()
-                for e in range(tid, BP * KCc, NT):
+                for li in range(LIT):  # every load of the chunk in flight before the stores
+                    e = tid + li * NT
                     r = e // KCc
-                    cc = e - r * KCc
-                    col = k0 + cc
+                    col = k0 + e - r * KCc
+                    bq[li] = ZERO
+                    bk[li] = ZERO
                     if r < T and col < K:
-                        qs[r, cc] = A[p, t0 + r, col]
-                        ks[r, cc] = B[p, t0 + r, col] + c2 * Bc[p, t0 + r, col]
-                    else:
-                        qs[r, cc] = ZERO
-                        ks[r, cc] = ZERO
+                        bq[li] = A[p, t0 + r, col]
+                        bk[li] = B[p, t0 + r, col] + c2 * Bc[p, t0 + r, col]
+                cuda.syncthreads()
+                for li in range(LIT):
+                    e = tid + li * NT
+                    r = e // KCc
+                    if r < BP:
+                        qs[r, e - r * KCc] = bq[li]
+                        ks[r, e - r * KCc] = bk[li]
                 cuda.syncthreads()
                 if active:
                     for cc in range(KCc):
@@ -456,6 +467,7 @@ def _is_cupy(x) -> bool:
 
 
 _FAST: dict = {}
+LAUNCH_BOUNDS: dict = {}  #: id(kernel) -> (threads, min blocks per SM), handed to the PTX compiler
 
 
 def _numba_argtype(x):
@@ -480,7 +492,8 @@ def _fast_function(kern, argtypes):
     key = (id(kern), argtypes)
     fn = _FAST.get(key)
     if fn is None:
-        ptx, _ = cuda.compile_ptx_for_current_device(kern.py_func, argtypes)
+        ptx, _ = cuda.compile_ptx_for_current_device(kern.py_func, argtypes,
+                                                     launch_bounds=LAUNCH_BOUNDS.get(id(kern)))
         name = re.search(r"\.entry\s+([\w$]+)\s*\(", ptx).group(1)
         mod = cupy.cuda.function.Module()
         mod.load(ptx.encode())
