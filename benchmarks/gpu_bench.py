@@ -86,7 +86,8 @@ def correctness():
     say("|---|---|---|---|---|---|---|---|")
     all_ok = True
     cases = [("dense", 2, 300, 64, None), ("exact", 2, 600, 64, None), ("blockwise", 3, 1000, 64, None),
-             ("blockwise", 2, 700, 32, 40), ("blockwise", 1, 4500, 64, 64), ("blockwise", 2, 260, 16, 100)]
+             ("blockwise", 2, 700, 32, 40), ("blockwise", 1, 4500, 64, 64), ("blockwise", 2, 260, 16, 100),
+             ("blockwise", 2, 5000, 64, 8)]  # the last: m = 625, ten chained blocks in the reduced system
     for method, B, n, d, b in cases:
         q, k, v = rng.standard_normal((3, B, n, d))
         dy = rng.standard_normal((B, n, d))
@@ -224,11 +225,11 @@ def time_graph(fn, **kw):
 
 
 def breakdown(B, n):
-    """Device time of each stage of the blockwise forward (graph replay of each stage alone)."""
+    """Device time of each launch of the float32 blockwise forward (CUDA-graph replay of each alone)."""
     import cupy
 
     from resolvent._gpu import _api as gapi
-    from resolvent._gpu import _blockwise as GB
+    from resolvent._gpu import _fused as F
     from resolvent._gpu import _kernels as K
 
     rng = np.random.default_rng(3)
@@ -236,30 +237,35 @@ def breakdown(B, n):
     gvec = cupy.full(B, 0.9, dtype=cupy.float32)
     b = gapi.gpu_block_size(n)
     m = -(-n // b)
-    c, W, sizes, _, _ = GB.pooled_scores(cupy, q, k, b, 0.125)
-    pooled = W @ sizes
-    P = W @ GB.block_sums(cupy, v, b)
-    X = cupy.empty_like(v)
-    h = cupy.empty((B, n), dtype=cupy.float32)
-    rr = cupy.empty((B, m, D), dtype=cupy.float32)
-    g = cupy.empty((B, m), dtype=cupy.float32)
-    K.forward_within(q, k, v, gvec, b, 0.125, c, pooled, P, X, h, rr, g)
-    Z = GB.solve_unit_lower(cupy, W, g, rr)
+    nt = F.NT
+    dt = q.dtype
+    cw = F._widths(nt)[1]
+    mb, nch = -(-m // F.NB), -(-D // cw)
+    qbar, kbarT, vs = (cupy.empty(s, dt) for s in ((B, m, D), (B, D, m), (B, m, D)))
+    W, X, h = cupy.empty((B, m, m), dt), cupy.empty((B, n, D), dt), cupy.empty((B, n), dt)
+    rr, g, Z = cupy.empty((B, m, D), dt), cupy.empty((B, m), dt), cupy.empty((B, m, D), dt)
+    sync = cupy.zeros(F.SYNC_HEAD + B * nch * mb, dtype=np.int32)
+    s = np.float32(0.125)
+
+    def reduced():
+        sync[3:] = 0  # ticket counter and flags
+        K._launch(F._reduced_kernel(nt, dt, F.NB, cw), B * nch * mb, nt, None, (W, g, rr, Z, sync))
+
     stages = {
-        "pooled scores (cupy)": lambda: (GB.pooled_scores(cupy, q, k, b, 0.125), W @ sizes,
-                                         W @ GB.block_sums(cupy, v, b)),
-        "within-block kernel": lambda: K.forward_within(q, k, v, gvec, b, 0.125, c, pooled, P, X, h, rr, g),
-        "reduced solve (2 kernels)": lambda: GB.solve_unit_lower(cupy, W, g, rr),
-        "W Z + combine": lambda: K.combine(X, h, W @ Z, gvec, b),
+        "means (q, k, v block means and sums, finiteness)":
+            lambda: K._launch(F._means_kernel(b, nt, dt), B * m, nt, None, (q, k, v, s, qbar, kbarT, vs, sync)),
+        "rows (pooled scores, W, P; scores, normalisers; panel solve)":
+            lambda: K._launch(F._rows_kernel(b, D, D, nt, dt), B * m, nt, None,
+                              (q, k, v, gvec, s, qbar, kbarT, vs, W, X, h, rr, g)),
+        f"reduced system, {nch} x {mb} chained thread blocks per batch entry (+ a memset)": reduced,
+        "combine (W Z, Woodbury correction)":
+            lambda: K._launch(F._combine_kernel(b, D, nt, dt), B * m, nt, None, (X, h, W, Z, gvec)),
     }
+    for fn in stages.values():
+        fn()
     say(f"Stage breakdown of the blockwise forward at {(B, n)}, b = {b}, m = {m} (graph replay, ms):")
     for name, fn in stages.items():
         say(f"- {name}: {time_graph(fn):.3f}")
-    try:
-        regs = sorted({fn[1].num_regs for fn in K._FAST.values()})
-        say(f"- registers per thread of the loaded kernels: {regs}")
-    except Exception as exc:
-        say(f"- register counts unavailable: {exc!r}")
     say("")
 
 
@@ -289,6 +295,7 @@ def timings(quick=False):
     import resolvent
     from resolvent._gpu import _api as gapi
     from resolvent._gpu import _blockwise as GB
+    from resolvent._gpu import _fused as F32
 
     bw, rate = ceilings()
     say(f"Measured ceilings: device copy {bw / 1e12:.2f} TB/s (read + write), float32 matmul "
@@ -308,7 +315,7 @@ def timings(quick=False):
         gvec = cupy.full(B, gam, dtype=cupy.float32)
         r["bw_core"] = time_events(lambda: GB.forward(cupy, q, k, v, gvec, b, 1 / 8))
         r["bw_bwd"] = time_events(lambda: resolvent.chain_attention_vjp(q, k, v, gam, dy, y=y))
-        r["bw_graph"] = time_graph(lambda: GB.forward(cupy, q, k, v, gvec, b, 1 / 8))
+        r["bw_graph"] = time_graph(lambda: F32.forward(cupy, q, k, v, gvec, b, 1 / 8))
         r["bwd_graph"] = time_graph(lambda: GB.backward(cupy, q, k, v, gvec, b, 1 / 8, dy, y=y))
         try:
             r["exact_fwd"] = time_events(lambda: resolvent.chain_attention(q, k, v, gam, method="exact"),

@@ -524,6 +524,7 @@ def _combine_kernel(b, dv, NT, dtype):
     nbt = K._numba_type(dtype)
     ONE = np.dtype(dtype).type(1)
     row_times = _row_times(dv, NT, dtype)
+    IT = K._cdiv(b * dv, NT)  # elements of the block per thread
 
     @cuda.jit
     def kernel(X, h, W, Z, gamma):
@@ -534,16 +535,28 @@ def _combine_kernel(b, dv, NT, dtype):
         I = blk - p * m
         red = cuda.shared.array(RED, nbt)
         wz = cuda.shared.array(dv, nbt)
+        hs = cuda.shared.array(b, nbt)
         if p >= X.shape[0]:
             return
         t0 = I * b
         T = min(n - t0, b)
-        row_times(W, Z, p, I, wz, red)
+        for i in range(cuda.threadIdx.x, T, NT):
+            hs[i] = h[p, t0 + i]
+        row_times(W, Z, p, I, wz, red)  # starts and ends with a barrier
         om = ONE - gamma[p]
-        for e in range(cuda.threadIdx.x, T * dv, NT):
+        buf = cuda.local.array(IT, nbt)
+        tid = cuda.threadIdx.x
+        for it in range(IT):  # every load in flight before the stores
+            e = tid + it * NT
             i = e // dv
-            a = e - i * dv
-            X[p, t0 + i, a] = om * (X[p, t0 + i, a] + h[p, t0 + i] * wz[a])
+            if i < T:
+                buf[it] = X[p, t0 + i, e - i * dv]
+        for it in range(IT):
+            e = tid + it * NT
+            i = e // dv
+            if i < T:
+                a = e - i * dv
+                X[p, t0 + i, a] = om * (buf[it] + hs[i] * wz[a])
 
     return kernel
 

@@ -482,6 +482,20 @@ def _numba_argtype(x):
     raise TypeError(f"unsupported kernel argument {type(x)}")
 
 
+def _arg_key(x):
+    """What of a launch argument fixes the compiled kernel: cheap to compute on every launch."""
+    if _is_cupy(x):
+        return (x.dtype.char, x.ndim)
+    if isinstance(x, np.floating):
+        return x.dtype.char
+    if isinstance(x, (int, np.integer)):
+        return "i"
+    raise TypeError(f"unsupported kernel argument {type(x)}")
+
+
+_BY_KEY: dict = {}
+
+
 def _fast_function(kern, argtypes):
     """The kernel compiled once by numba to PTX, loaded by CuPy: a launch then costs what a CuPy
     ``RawKernel`` launch costs, not numba's per-argument dispatch (about 50x more here)."""
@@ -525,8 +539,10 @@ def _launch(kern, grid, nthreads, stream, args):
     if not _simulated() and arrays and all(_is_cupy(a) and a.flags.c_contiguous for a in arrays):
         import cupy
 
-        argtypes = tuple(_numba_argtype(a) for a in args)
-        fn = _fast_function(kern, argtypes)
+        key = (id(kern), tuple(_arg_key(a) for a in args))
+        fn = _BY_KEY.get(key)
+        if fn is None:  # building numba types costs microseconds per argument: once per signature
+            fn = _BY_KEY[key] = _fast_function(kern, tuple(_numba_argtype(a) for a in args))
         grid3 = tuple(grid) + (1,) * (3 - len(grid))
         fn(grid3, (nthreads, 1, 1), tuple(_flatten(args)), stream=cupy.cuda.get_current_stream())
         return
