@@ -1,24 +1,30 @@
-"""Fused forward kernel of block-sparse links (SPEC 2.3, ``topk > 0``; Numba, CPU).
+"""Fused kernels of block-sparse links (SPEC 2.3, ``topk > 0``; Numba, CPU): the forward pass and the
+per-token choice of blocks.
 
 The NumPy path (``resolvent/attention/_topk.py``) runs a Python loop over the ``m`` blocks with some
-25 NumPy calls per block; at batch x heads = 8, n = 4096, b = 64 that call overhead, not the
-arithmetic, is its time.  Here one parallel iteration per batch entry walks the rows in order and
-*pulls* everything a row needs from rows already finished:
+25 NumPy calls per block; at batch x heads = 8, n = 4096 that call overhead, not the arithmetic, is
+its time.  Here one parallel iteration per batch entry walks the blocks, and the rows of each block,
+in order:
 
-* its logits: own block (``s <= t``), exact scores against the keys of its selected blocks
-  ``J in sel(t)`` (all earlier, so ``Z_J = V_J + gamma X_J`` is known), and the pooled scores
-  ``sigma_IJ`` of the earlier blocks it did not select (masked, never "all minus selected");
-* one row max ``mu_t`` over all of them, so every exponent is ``<= 0``, and the normaliser
-  ``ell_t`` (earlier blocks are full: the pooled weight counts ``b`` times);
-* ``x_t (ell_t - gamma w_tt) = sum_{s < t} w_ts Z_s + w_tt v_t`` with the pooled part
-  ``sum_J exp(sigma_IJ - mu_t) c_J`` from the running block sums ``c_J`` of ``Z``.  The last line
-  is the forward substitution with ``I - gamma Ahat_II`` row by row: the rows ``s < t`` of the own
-  block are finished too, so their ``Z_s`` enters like any other key's.
+* a row ``t`` of block ``I`` *pulls* its own block's scores (``s <= t``) and the pooled scores
+  ``sigma_IJ`` of the earlier blocks it did not select (masked, never "all minus selected"), takes
+  one max ``mu_t`` over them and over the running max of its exact links, and forms
+  ``x_t (ell_t - gamma w_tt) = acc_t + sum_J exp(sigma_IJ - mu_t) c_J + sum_{s < t in B_I} w_ts Z_s
+  + w_tt v_t`` with every exponent ``<= 0``: the forward substitution with ``I - gamma Ahat_II``,
+  row by row (the own block's earlier rows are solved, their ``Z = V + gamma X`` enters like any
+  key's).  ``c_J`` are the running block sums of ``Z``; earlier blocks are full, so a pooled weight
+  counts ``b`` times in ``ell_t``.
+* once block ``I`` is solved it *pushes* its exact links to the later rows that selected it (lists
+  built from the selection at the start): scores against the block's keys, an online log-sum-exp
+  update of the row's ``(mu, ell, acc)`` (rescaled when the max moves).  Keys and ``Z`` of the
+  current block stay in L1 while all its pushes run; a pull of the selected blocks per row would
+  stream ``k b (d + dv)`` numbers per row instead.
 
-Per row that is ``(i + 1 + k b) (d + dv) + m (d + dv)`` multiply-adds with the inner loops over the
-contiguous ``d`` or ``dv``; the keys and ``Z`` of a selected block (``b x (d + dv)``) stay in L1/L2
-while the row uses them.  Nothing is padded: the last block may be shorter, and padded rows exist
-only in the statistics handed to the NumPy backward.
+``acc_t`` lives in the output row ``Y[t]`` until row ``t`` is solved, and ``Z`` of the current block
+in a (b, dv) scratch, so nothing of size n is allocated besides ``Y``.  Per row the work is
+``(i + 1 + k b) (d + dv) + m (d + dv)`` multiply-adds, the inner loops over the contiguous ``d``,
+``dv`` or keys.  Nothing is padded: the last block may be shorter; padded rows exist only in the
+statistics handed to the NumPy backward.
 """
 
 from __future__ import annotations
@@ -114,109 +120,132 @@ def _expneg(x):  # pragma: no cover - compiled
     return None
 
 
-# --- the two inner products, unrolled by four so each load of the accumulator serves four terms ----
+# --- the two inner products ----------------------------------------------------------------------
+#
+# Unrolled by four, so that each load and store of the accumulator serves four multiply-adds.  Rows
+# are addressed as ``X[r, a]``, never as views ``X[r]``: a view costs an atomic reference count
+# update on the parent array, and with the parent shared by the threads those updates contend.
 
 
 @numba.njit(fastmath=FASTMATH, cache=True)
-def _scores(qrow, scale, KT, T, sc, zero):  # pragma: no cover - compiled
-    """``sc[:T] = sum_a (scale qrow[a]) KT[a, :T]``: the row's scores against T keys stored transposed."""
-    d = qrow.shape[0]
+def _scores(Q, u, scale, KT, T, sc, zero):  # pragma: no cover - compiled
+    """``sc[:T] = sum_a (scale Q[u, a]) KT[a, :T]``: a row's scores against T keys stored transposed."""
+    d = Q.shape[1]
     for j in range(T):
         sc[j] = zero
     a = 0
     while a + 4 <= d:
-        q0 = qrow[a] * scale
-        q1 = qrow[a + 1] * scale
-        q2 = qrow[a + 2] * scale
-        q3 = qrow[a + 3] * scale
-        k0 = KT[a]
-        k1 = KT[a + 1]
-        k2 = KT[a + 2]
-        k3 = KT[a + 3]
+        q0 = Q[u, a] * scale
+        q1 = Q[u, a + 1] * scale
+        q2 = Q[u, a + 2] * scale
+        q3 = Q[u, a + 3] * scale
         for j in range(T):
-            sc[j] += q0 * k0[j] + q1 * k1[j] + q2 * k2[j] + q3 * k3[j]
+            sc[j] += q0 * KT[a, j] + q1 * KT[a + 1, j] + q2 * KT[a + 2, j] + q3 * KT[a + 3, j]
         a += 4
     while a < d:
-        q0 = qrow[a] * scale
-        k0 = KT[a]
+        q0 = Q[u, a] * scale
         for j in range(T):
-            sc[j] += q0 * k0[j]
+            sc[j] += q0 * KT[a, j]
         a += 1
 
 
 @numba.njit(fastmath=FASTMATH, cache=True)
-def _accumulate(acc, w, w0, Zs, r0, T):  # pragma: no cover - compiled
-    """``acc += sum_{j < T} w[w0 + j] Zs[r0 + j]``."""
-    dv = acc.shape[0]
+def _accumulate(A, u, w, Zs, r0, T):  # pragma: no cover - compiled
+    """``A[u] += sum_{j < T} w[j] Zs[r0 + j]``."""
+    dv = A.shape[1]
     j = 0
     while j + 4 <= T:
-        e0 = w[w0 + j]
-        e1 = w[w0 + j + 1]
-        e2 = w[w0 + j + 2]
-        e3 = w[w0 + j + 3]
-        z0 = Zs[r0 + j]
-        z1 = Zs[r0 + j + 1]
-        z2 = Zs[r0 + j + 2]
-        z3 = Zs[r0 + j + 3]
+        e0 = w[j]
+        e1 = w[j + 1]
+        e2 = w[j + 2]
+        e3 = w[j + 3]
+        r = r0 + j
         for a in range(dv):
-            acc[a] += e0 * z0[a] + e1 * z1[a] + e2 * z2[a] + e3 * z3[a]
+            A[u, a] += e0 * Zs[r, a] + e1 * Zs[r + 1, a] + e2 * Zs[r + 2, a] + e3 * Zs[r + 3, a]
         j += 4
     while j < T:
-        e0 = w[w0 + j]
-        z0 = Zs[r0 + j]
+        e0 = w[j]
+        r = r0 + j
         for a in range(dv):
-            acc[a] += e0 * z0[a]
+            A[u, a] += e0 * Zs[r, a]
         j += 1
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _select(q, kbarT, b, kk, scale, sel):  # pragma: no cover - compiled
+def _select(q, kbar, kbarT, b, kk, scale, sel):  # pragma: no cover - compiled
     """``sel`` (B, m b, kk): per row the ``kk`` earlier blocks with the largest ``(scale q_t) . kbar_J``,
     by decreasing score, ties to the later block; ``m`` in unused slots and for padded rows.
-    ``kbarT`` (B, d, m): the mean keys, transposed."""
+
+    One job per (batch entry, block I).  The scores of the block's T rows against the I earlier mean
+    keys are computed along the longer of the two (``kbarT`` (B, d, >= m rounded up to 16): the mean
+    keys transposed, zero-padded), then the top ``kk`` of every row at once."""
     B, n, d = q.shape
-    m = kbarT.shape[2]
+    m = kbar.shape[1]
     N = sel.shape[1]
     for job in numba.prange(B * m):
         p = job // m
         I = job - p * m
-        zero = np.zeros(1, dtype=q.dtype)[0]
-        sc = np.empty(m, dtype=q.dtype)
-        best = np.empty(kk + 1, dtype=q.dtype)
-        bj = np.empty(kk + 1, dtype=np.int64)
-        for t in range(I * b, min(N, I * b + b)):
+        t0 = I * b
+        T = max(0, min(n, t0 + b) - t0)
+        for t in range(t0, min(N, t0 + b)):
             for r in range(kk):
                 sel[p, t, r] = m
-            if t >= n or kk == 0:
-                continue
-            _scores(q[p, t], scale, kbarT[p], I, sc, zero)
-            cnt = 0
-            # candidates from the latest block down: a tie ranks after the (later) block already kept
+        if kk == 0 or I == 0 or T == 0:
+            continue
+        c = np.zeros(3, dtype=q.dtype)
+        c[1] = 1
+        c[2] = -np.inf
+        zero, one, ninf = c[0], c[1], c[2]
+        Tp = (T + 15) // 16 * 16  # score loops over a multiple of 16 (see _forward)
+        Ip = (I + 15) // 16 * 16
+        by_row = I > T
+        if by_row:  # S[i, J]: each row against the mean keys
+            S = np.empty((T, Ip), dtype=q.dtype)
+            qp = q[p]
+            kT = kbarT[p]
+            for i in range(T):
+                _scores(qp, t0 + i, scale, kT, Ip, S[i], zero)
+        else:  # S[J, i]: each mean key against the block's scaled queries, transposed
+            S = np.empty((I, Tp), dtype=q.dtype)
+            QT = np.zeros((d, Tp), dtype=q.dtype)
+            for a in range(d):
+                for i in range(T):
+                    QT[a, i] = q[p, t0 + i, a] * scale
+            kb = kbar[p]
+            for J in range(I):
+                _scores(kb, J, one, QT, Tp, S[J], zero)
+        # the top kk of each row: scan the candidates from the latest block down, keeping a sorted
+        # list; a candidate must beat the k-th entry strictly (a tie goes to the later block, seen
+        # first), which after the first few blocks is one comparison
+        best = np.empty(kk, dtype=q.dtype)
+        bj = np.empty(kk, dtype=np.int64)
+        for i in range(T):
+            for r in range(kk):
+                best[r] = ninf
+                bj[r] = m
             for J in range(I - 1, -1, -1):
-                s = sc[J]
-                pos = cnt
-                while pos > 0 and s > best[pos - 1]:
-                    pos -= 1
-                if pos >= kk:
+                s = S[i, J] if by_row else S[J, i]
+                if s <= best[kk - 1] and bj[kk - 1] < m:
                     continue
-                for r in range(min(cnt, kk - 1), pos, -1):
-                    best[r] = best[r - 1]
-                    bj[r] = bj[r - 1]
+                pos = kk - 1
+                while pos > 0 and (s > best[pos - 1] or bj[pos - 1] == m):
+                    best[pos] = best[pos - 1]
+                    bj[pos] = bj[pos - 1]
+                    pos -= 1
                 best[pos] = s
                 bj[pos] = J
-                if cnt < kk:
-                    cnt += 1
-            for r in range(cnt):
-                sel[p, t, r] = bj[r]
+            for r in range(kk):
+                sel[p, t0 + i, r] = bj[r]
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _forward(q, k, v, gamma, sel, sigma, b, scale, values, Y, Z, cZ, mu, ell):  # pragma: no cover
+def _forward(q, k, v, gamma, sel, sigma, b, scale, values, Y, cZ, mu, ell):  # pragma: no cover
     """Blocks in order, per batch entry: ``Y = (1 - gamma) X`` (B, n, dv) when ``values``, and each
     row's shift ``mu`` and normaliser ``ell`` (B, m b; padded rows included, as the NumPy forward
-    leaves them).  ``Z`` (B, n, dv) holds a row's accumulator until the row is solved, then
-    ``V + gamma X``; ``cZ`` (B, m, dv) the block sums of ``Z``.  Without ``values``, ``v``, ``Y``,
-    ``Z`` and ``cZ`` are not touched."""
+    leaves them).  Until row t is solved, ``Y[t]`` holds its accumulator (the exact links pushed to
+    it); ``cZ`` (B, m, dv) receives the block sums of ``Z = V + gamma X``, whose rows are needed only
+    while their own block is current (a (b, dv) scratch).  Without ``values``, ``v``, ``Y`` and
+    ``cZ`` are not touched."""
     B, n, d = q.shape
     dv = v.shape[2]
     m = sigma.shape[1]
@@ -235,20 +264,24 @@ def _forward(q, k, v, gamma, sel, sigma, b, scale, values, Y, Z, cZ, mu, ell):  
         qp = q[p]
         kp = k[p]
         vp = v[p]
-        Zp = Z[p]
         Yp = Y[p]
         cz = cZ[p]
         sg = sigma[p]
         mup = mu[p]
         ellp = ell[p]
-        KT = np.empty((d, b), dtype=q.dtype)  # the keys of the current block, transposed
-        sc = np.empty(b, dtype=q.dtype)
+        selp = sel[p]
+        # the current block's keys, transposed, zero-padded to a multiple of 16 columns: every score
+        # loop runs over a multiple of 16 keys (no scalar remainder; the extra scores are ignored)
+        bp = (b + 15) // 16 * 16
+        KT = np.zeros((d, bp), dtype=q.dtype)
+        sc = np.empty(bp, dtype=q.dtype)
         pw = np.empty(m, dtype=q.dtype)
+        ZI = np.empty((b, dv), dtype=q.dtype)  # Z of the current block's solved rows
         # the push lists: rows that selected block J are rows[start[J]:start[J + 1]], in order
         start = np.zeros(m + 1, dtype=np.int64)
         for t in range(n):
             for r in range(kk):
-                J = sel[p, t, r]
+                J = selp[t, r]
                 if J < m:
                     start[J + 1] += 1
         for J in range(m):
@@ -257,7 +290,7 @@ def _forward(q, k, v, gamma, sel, sigma, b, scale, values, Y, Z, cZ, mu, ell):  
         rows = np.empty(start[m], dtype=np.int64)
         for t in range(n):
             for r in range(kk):
-                J = sel[p, t, r]
+                J = selp[t, r]
                 if J < m:
                     rows[fill[J]] = t
                     fill[J] += 1
@@ -275,8 +308,9 @@ def _forward(q, k, v, gamma, sel, sigma, b, scale, values, Y, Z, cZ, mu, ell):  
                     cz[I, a] = zero
             for i in range(T):
                 t = t0 + i
-                # logits: own block (s <= t), pooled scores of the earlier blocks not selected
-                _scores(qp[t], scale, KT, i + 1, sc, zero)
+                # logits: own block (s <= t; the columns past i are computed and ignored), pooled
+                # scores of the earlier blocks the row did not select
+                _scores(qp, t, scale, KT, min(bp, (i + 16) // 16 * 16), sc, zero)
                 mo = mup[t]  # the running max of the exact links pushed so far (-inf: none)
                 mx = mo
                 for j in range(i + 1):
@@ -284,7 +318,7 @@ def _forward(q, k, v, gamma, sel, sigma, b, scale, values, Y, Z, cZ, mu, ell):  
                 for J in range(I):
                     pw[J] = sg[I, J]
                 for r in range(kk):
-                    J = sel[p, t, r]
+                    J = selp[t, r]
                     if J < I:
                         pw[J] = ninf
                 for J in range(I):
@@ -305,29 +339,29 @@ def _forward(q, k, v, gamma, sel, sigma, b, scale, values, Y, Z, cZ, mu, ell):  
                 ellp[t] = el
                 if not values:
                     continue
-                acc = Zp[t]
+                # Y[t] holds the row's accumulator: rescale it to the final max
                 if mo == ninf:
                     for a in range(dv):
-                        acc[a] = zero
+                        Yp[t, a] = zero
                 else:
                     for a in range(dv):
-                        acc[a] *= alpha
-                # the pooled residue from the block sums of Z; masked entries are 0
-                _accumulate(acc, pw, 0, cz, 0, I)
-                # own block: rows s < t are solved, their Z enters like any key's
-                _accumulate(acc, sc, 0, Zp, t0, i)
+                        Yp[t, a] *= alpha
+                # the pooled residue from the block sums of Z (masked blocks have weight 0), then
+                # the own block: rows s < t are solved, their Z enters like any key's
+                _accumulate(Yp, t, pw, cz, 0, I)
+                _accumulate(Yp, t, sc, ZI, 0, i)
                 eii = sc[i]
                 inv = one / (el - gam * eii)  # >= (1 - gamma) ell_t > 0
                 for a in range(dv):
-                    x = (acc[a] + eii * vp[t, a]) * inv
+                    x = (Yp[t, a] + eii * vp[t, a]) * inv
                     Yp[t, a] = onem * x
                     z = vp[t, a] + gam * x
-                    acc[a] = z
+                    ZI[i, a] = z
                     cz[I, a] += z
             # push block I's exact links to the later rows that selected it (block I is full)
             for idx in range(start[I], start[I + 1]):
                 u = rows[idx]
-                _scores(qp[u], scale, KT, b, sc, zero)
+                _scores(qp, u, scale, KT, bp, sc, zero)
                 mo = mup[u]
                 mx = mo
                 for j in range(b):
@@ -342,14 +376,13 @@ def _forward(q, k, v, gamma, sel, sigma, b, scale, values, Y, Z, cZ, mu, ell):  
                 mup[u] = mx
                 if not values:
                     continue
-                acc = Zp[u]
                 if mo == ninf:
                     for a in range(dv):
-                        acc[a] = zero
+                        Yp[u, a] = zero
                 elif alpha != one:
                     for a in range(dv):
-                        acc[a] *= alpha
-                _accumulate(acc, sc, 0, Zp, t0, b)
+                        Yp[u, a] *= alpha
+                _accumulate(Yp, u, sc, ZI, 0, b)
         # padded rows of the last block (statistics only): zero queries, so every own logit is 0;
         # they select nothing and, as in the NumPy forward, take the pooled weight of every earlier
         # block unless the block has no more than kk earlier ones
@@ -373,8 +406,10 @@ def select(q, kbar, b, topk, scale):
     m = kbar.shape[1]
     kk = min(topk, m - 1)
     sel = np.empty((B, m * b, kk), dtype=np.int64)
-    kbarT = np.ascontiguousarray(np.swapaxes(kbar, -1, -2))
-    _select(q, kbarT, b, kk, q.dtype.type(scale), sel)
+    mp = (m + 15) // 16 * 16
+    kbarT = np.zeros((B, kbar.shape[2], mp), dtype=q.dtype)
+    kbarT[:, :, :m] = np.swapaxes(kbar, -1, -2)
+    _select(q, kbar, kbarT, b, kk, q.dtype.type(scale), sel)
     return sel
 
 
@@ -388,10 +423,9 @@ def forward(q, k, v, gamma, sel, sigma, b, scale, values=True):
     ell = np.empty((B, m * b), dtype=dt)
     if values:
         Y = np.empty((B, n, dv), dtype=dt)
-        Z = np.empty((B, n, dv), dtype=dt)
         cZ = np.empty((B, m, dv), dtype=dt)
     else:
-        Y = Z = np.empty((B, 0, dv), dtype=dt)
+        Y = np.empty((B, 0, dv), dtype=dt)
         cZ = np.empty((B, 0, dv), dtype=dt)
-    _forward(q, k, v, gamma.astype(dt), sel, sigma, b, dt.type(scale), values, Y, Z, cZ, mu, ell)
+    _forward(q, k, v, gamma.astype(dt), sel, sigma, b, dt.type(scale), values, Y, cZ, mu, ell)
     return (Y if values else None), mu, ell

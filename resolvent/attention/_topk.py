@@ -23,12 +23,22 @@ needs finished blocks::
 
 Costs: selection O(n m d), exact links O(n k b (d + dv)), own blocks O(n b (d + dv) + m b^3),
 pooled residue O(n m dv); memory O(n (d + dv) + n k + m^2) plus one block's work arrays.
-The Python loops run over the m blocks; batch, heads, the rows of a block and the columns of V are
-vectorised.  ``n`` need not be a multiple of ``b``: inputs are padded with zero rows, padded keys
-only ever sit in the last block (never an earlier block of anyone) and are masked by causality,
-and padded rows select nothing and are dropped at the end.
+``n`` need not be a multiple of ``b``: inputs are padded with zero rows, padded keys only ever sit
+in the last block (never an earlier block of anyone) and are masked by causality, and padded rows
+select nothing and are dropped at the end.
 
-The backward pass (:func:`backward`) solves ``G = (I - gamma Ahat)^{-T} (1 - gamma) dY`` by block
+Two implementations of the forward pass compute the same numbers:
+
+* the fused Numba kernel (``resolvent/_cpu/_topk.py``, used when Numba is installed; switch:
+  :data:`USE_NUMBA`): one parallel iteration per batch entry walks the rows in order, with the
+  exact links pushed and the own block and pooled residue pulled as described above, and the block
+  solve done row by row; the selection is a second kernel.  No Python runs per block.
+* the NumPy path below (:func:`_forward`): the Python loop runs over the m blocks; batch, heads,
+  the rows of a block and the columns of V are vectorised, about 25 NumPy calls per block.  At
+  batch x heads = 8, n = 4096 that call overhead, not the arithmetic, was its time.
+
+The backward pass (:func:`backward`, NumPy; with Numba it takes the selection and the row
+normalisers from the kernels) solves ``G = (I - gamma Ahat)^{-T} (1 - gamma) dY`` by block
 *backward* substitution in the same cost class: later rows reach block J through their exact links
 (pulled from the same groups) and through their pooled weights, which are equal for every key of J
 and so are carried by a running per-block accumulator; see :func:`_backward` and ``docs/topk.md``
