@@ -239,7 +239,7 @@ def _means_kernel(b, NT, dtype):
 
 
 @functools.cache
-def _rows_kernel(b, d, dv, NT, dtype, phases=7):
+def _rows_kernel(b, d, dv, NT, dtype):
     BP = K._cdiv(b, 4) * 4
     BP1 = BP + 1  # shared shapes must be literal constants: no arithmetic inside the calls
     KC1 = min(KCF, d) + 1
@@ -287,7 +287,7 @@ def _rows_kernel(b, d, dv, NT, dtype, phases=7):
             qb[a] = qbar[p, I, a]
         cuda.syncthreads()
         lmax = NEG_INF
-        for J in range(tid, I if phases & 1 else 0, NT):
+        for J in range(tid, I, NT):
             s0 = ZERO
             s1 = ZERO
             s2 = ZERO
@@ -318,9 +318,8 @@ def _rows_kernel(b, d, dv, NT, dtype, phases=7):
         pooledI = rsum(red, lsum) * b  # the earlier blocks are full
         row_times(W, vs, p, I, Ps, red)  # P_I = sum_J W_IJ vsum_J
         # the block: causal scores, normalised rows with the pooled mass, D and 1 / (1 - gamma D_tt)
-        if phases & 2:
-            tri_prod(q, k, k, ZERO, p, t0, T, S, qs, ks, scale, us)
-            row_stats(S, T, I > 0, cI, pooledI, gam, us, minv)
+        tri_prod(q, k, k, ZERO, p, t0, T, S, qs, ks, scale, us)
+        row_stats(S, T, I > 0, cI, pooledI, gam, us, minv)
         # (I - gamma D) [X | h] = [D V + u P | gamma u] by panels of SB rows: within a panel a thread
         # per column substitutes (chains of at most SB - 1 terms), then every thread adds the
         # panel's rows to the rows below it (independent products); DV1 value columns a pass
@@ -344,7 +343,7 @@ def _rows_kernel(b, d, dv, NT, dtype, phases=7):
             cs = ZERO
             for k0 in range(0, T, SB):
                 k1 = min(k0 + SB, T)
-                if (isv or ish) and phases & 4:
+                if isv or ish:
                     vb = cuda.local.array(SB, nbt)
                     for r in range(SB):  # the panel's v, loads in flight together
                         vb[r] = ZERO
