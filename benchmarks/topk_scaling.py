@@ -179,6 +179,19 @@ def scaling(ns, exact_max_n):
     return cols, times, blocks
 
 
+def _topk_path():
+    """Which forward pass topk > 0 ran (the fused Numba kernel when Numba imports)."""
+    from resolvent.attention import _topk
+
+    if _topk.use_numba():
+        import numba
+
+        return (f"topk > 0 ran the fused Numba kernel (Numba {numba.__version__}, "
+                f"{numba.get_num_threads()} threads over the batch; the backward stays NumPy, the batch split "
+                "over the cores).")
+    return "topk > 0 ran the NumPy path (no Numba), the batch split over the cores."
+
+
 def earlier_sweep(path):
     """The block-size sweep section of an earlier results file, marked as copied."""
     with open(path) as f:
@@ -189,7 +202,10 @@ def earlier_sweep(path):
     sec = text[text.index(head):]
     nxt = sec.find("\n## ", 1)
     sec = sec[: nxt if nxt >= 0 else len(sec)].rstrip("\n").splitlines()
-    return [sec[0], "", f"(Copied from an earlier run's `{path}`; this run did not repeat the sweep.)"] + sec[1:] + [""]
+    body = [line for line in sec[1:] if not line.startswith("(Copied from an earlier run")]
+    while len(body) > 1 and body[0] == body[1] == "":
+        body.pop(0)
+    return [sec[0], "", f"(Copied from an earlier run's `{path}`; this run did not repeat the sweep.)"] + body + [""]
 
 
 def exponent(series):
@@ -236,7 +252,7 @@ def _main(blas_note):
         f"CPU: {cpu_name()}, {os.cpu_count()} cores; NumPy {np.__version__}; load average at start "
         f"{os.getloadavg()[0]:.2f}.",
         "",
-        f"Threads: {blas_note} (topk > 0 does that itself and splits the batch over the cores). With",
+        f"Threads: {blas_note} (topk > 0 does that itself).  {_topk_path()} With",
         "OpenBLAS's default 2 threads on this shared machine the many small products of the block loops",
         "stall: at n = 4096, exact took 46 s instead of 1.2 s and topk=0 1.4 s instead of 0.07 s.",
         "PyTorch runs with its default threads and, for reference, with one.",
