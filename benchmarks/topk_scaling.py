@@ -69,8 +69,9 @@ def timed(fn, clock=time.perf_counter):
     return median_time(fn, reps_for(first), clock)
 
 
-def round8(x):
-    return max(8, 8 * int(round(x / 8.0)))
+def round_topk(x):
+    """A topk block size as the library rounds it (``_api.topk_block``: a power of two, at least 16)."""
+    return _api.topk_block(x)
 
 
 def torch_dense(n, reps=3):
@@ -111,7 +112,7 @@ def cpu_name():
 def sweep(ns, cs, topks):
     """Time topk > 0 over b = C sqrt(n); returns markdown lines and the chosen C."""
     lines = [
-        "## Block-size sweep for topk > 0 (b = C_TOPK sqrt(n), rounded to a multiple of 8)",
+        "## Block-size sweep for topk > 0 (b = C_TOPK sqrt(n), rounded to a power of two as the library does)",
         "",
         "Median CPU time of the process in ms (all threads; less sensitive than wall time to other",
         "users of the machine), with the block size and, last, the time over the best C of that row.",
@@ -126,7 +127,7 @@ def sweep(ns, cs, topks):
             row = {}
             seen = {}
             for c in cs:
-                b = min(round8(c * math.sqrt(n)), n)
+                b = min(round_topk(c * math.sqrt(n)), n)
                 if b not in seen:
                     seen[b] = timed(
                         lambda: resolvent.chain_attention(q, k, v, GAMMA, method="blockwise", block_size=b, topk=topk),
@@ -202,7 +203,7 @@ def earlier_sweep(path):
     sec = text[text.index(head):]
     nxt = sec.find("\n## ", 1)
     sec = sec[: nxt if nxt >= 0 else len(sec)].rstrip("\n").splitlines()
-    body = [line for line in sec[1:] if not line.startswith("(Copied from an earlier run")]
+    body = [line for line in sec[1:] if not line.startswith(("(Copied from an earlier run", "(`C_TOPK` set to"))]
     while len(body) > 1 and body[0] == body[1] == "":
         body.pop(0)
     return [sec[0], "", f"(Copied from an earlier run's `{path}`; this run did not repeat the sweep.)"] + body + [""]

@@ -14,12 +14,13 @@ __all__ = ["chain", "chain_attention", "chain_attention_vjp", "default_block_siz
 
 METHODS = ("dense", "exact", "blockwise")
 
-# b = C * n^(1/3) (topk = 0) and b = C_TOPK * n^(1/2) (topk > 0), rounded to a multiple of 8.
-# C_POOLED from the sweep in benchmarks/block_size_sweep.py, C_TOPK from the one in
-# benchmarks/topk_scaling.py --sweep (results in benchmarks/results/).  C_TOPK = 0.5 since the fused
-# Numba kernel: its score and link loops favour b = 32 at n = 4096 (the NumPy path wanted b = 64).
+# b = C * n^(1/3) (topk = 0), rounded to a multiple of 8, and b = C_TOPK * n^(1/2) (topk > 0), rounded
+# to a power of two (at least 16).  C_POOLED from the sweep in benchmarks/block_size_sweep.py, C_TOPK
+# from the one in benchmarks/topk_scaling.py --sweep (results in benchmarks/results/).  Powers of two
+# since the fused Numba kernel: its score loops run over multiples of 16 keys (b = 24 pays for 32), and
+# in the sweeps b = 48 and 96 were 1.1-1.4x slower than 32 or 64 next to them.
 C_POOLED = 1.8
-C_TOPK = 0.5
+C_TOPK = 0.6
 
 
 def default_block_size(n, *, topk=0):
@@ -28,7 +29,8 @@ def default_block_size(n, *, topk=0):
     ``b = C * n**(1/3)`` for pooled coupling (``topk=0``), where the within-block work ``O(n b d)``
     balances the reduced system ``O(m^2 d)`` with ``m = n / b``; ``b = C_k * n**(1/2)`` for
     ``topk > 0``, where the per-token links cost ``O(n k b d)`` against ``O(n m d)`` for choosing
-    them.  The result is rounded to a multiple of 8 (at least 8) and capped at ``n``.
+    them.  The result is rounded to a multiple of 8 (at least 8; for ``topk > 0`` to the nearest
+    power of two on a log scale, at least 16) and capped at ``n``.
 
     Parameters
     ----------
@@ -45,7 +47,8 @@ def default_block_size(n, *, topk=0):
     Notes
     -----
     The constants were chosen on the CPU backend by timing ``chain_attention`` over a sweep of block
-    sizes (``benchmarks/block_size_sweep.py``; table in ``benchmarks/results/block_size_sweep.md``).
+    sizes (``benchmarks/block_size_sweep.py`` and, for ``topk > 0``, ``benchmarks/topk_scaling.py
+    --sweep``; tables in ``benchmarks/results/``).
 
     Examples
     --------
@@ -55,9 +58,16 @@ def default_block_size(n, *, topk=0):
     """
     n = check_positive_int(n, "n", allow_none=False)
     topk = _check_topk(topk)
-    raw = C_TOPK * math.sqrt(n) if topk > 0 else C_POOLED * n ** (1.0 / 3.0)
-    b = max(8, 8 * int(round(raw / 8.0)))
+    if topk > 0:
+        b = topk_block(C_TOPK * math.sqrt(n))
+    else:
+        b = max(8, 8 * int(round(C_POOLED * n ** (1.0 / 3.0) / 8.0)))
     return min(b, n)
+
+
+def topk_block(raw):
+    """A ``topk > 0`` block size: ``raw`` rounded to the nearest power of two (log scale), at least 16."""
+    return max(16, 2 ** int(round(math.log2(raw))))
 
 
 def _check_topk(topk) -> int:
