@@ -593,3 +593,23 @@ def test_vectorised_exp(topk_path, dtype, tol):
     out = np.empty_like(edge)
     run(edge, out)
     np.testing.assert_array_equal(out, 0.0)
+
+
+@needs_numba
+@pytest.mark.parametrize("n, b, topk", [(37, 6, 2), (40, 8, 1), (29, 1, 2), (12, 12, 2), (50, 4, 30), (45, 7, 3)])
+def test_fused_backward_matches_numpy_path(rng, monkeypatch, topk_path, n, b, topk):
+    """The backward kernel against the NumPy backward: with and without the forward's output."""
+    if not topk_path:
+        pytest.skip("compares the two paths itself")
+    q, k = 1.5 * rng.standard_normal((2, 3, n, 5))
+    v, dy = rng.standard_normal((2, 3, n, 4))
+    g = np.array([0.0, 0.6, 0.95])
+    scale = 0.45
+    want, got = both_paths(monkeypatch, lambda: _topk.backward(q, k, v, g, b, topk, scale, dy))
+    y = _topk.forward(q, k, v, g, b, topk, scale)
+    given = _topk.backward(q, k, v, g, b, topk, scale, dy, y=y)
+    for a, c, w in zip(got, given, want):
+        assert rel(a, w) < 1e-12 and rel(c, w) < 1e-12
+    g32 = _topk.backward(*(x.astype(np.float32) for x in (q, k, v, g)), b, topk, scale, dy.astype(np.float32))
+    for a, w in zip(g32, want):
+        assert a.dtype == np.float32 and rel(a, w) < 1e-4

@@ -1,5 +1,5 @@
-"""Fused kernels of block-sparse links (SPEC 2.3, ``topk > 0``; Numba, CPU): the forward pass and the
-per-token choice of blocks.
+"""Fused kernels of block-sparse links (SPEC 2.3, ``topk > 0``; Numba, CPU): the per-token choice of
+blocks, the forward pass and its vector-Jacobian product.
 
 The NumPy path (``resolvent/attention/_topk.py``) runs a Python loop over the ``m`` blocks with some
 25 NumPy calls per block; at batch x heads = 8, n = 4096 that call overhead, not the arithmetic, is
@@ -24,10 +24,17 @@ in order:
 in a (b, dv) scratch, so nothing of size n is allocated besides ``Y``.  Per row the work is
 ``(i + 1 + k b) (d + dv) + m (d + dv)`` multiply-adds, the inner loops over the contiguous ``d``,
 ``dv`` or keys.  Nothing is padded: the last block may be shorter; padded rows exist only in the
-statistics handed to the NumPy backward.
+statistics (the NumPy backward reads them).
+
+The backward kernel (:func:`_backward`) walks the blocks from the last: the later rows' exact links
+to a block are pulled from the same lists, the pooled part arrives through a running per-block
+accumulator, and the own block's transposed solve runs row by row from the last; the derivation is
+in ``resolvent/attention/_topk.py`` (``_backward``) and ``docs/topk.md`` section 8.
 """
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
@@ -35,6 +42,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
+from .. import _threads
 from ._blockwise import FASTMATH
 
 
@@ -171,6 +179,41 @@ def _accumulate(A, u, w, Zs, r0, T):  # pragma: no cover - compiled
         j += 1
 
 
+@numba.njit(cache=True)
+def _link_lists(selp, n, m):  # pragma: no cover - compiled
+    """The rows that selected block J, ``rows[start[J]:start[J + 1]]`` in increasing order, from one
+    batch entry's selection ``selp`` (m b, kk)."""
+    kk = selp.shape[1]
+    start = np.zeros(m + 1, dtype=np.int64)
+    for t in range(n):
+        for r in range(kk):
+            J = selp[t, r]
+            if J < m:
+                start[J + 1] += 1
+    for J in range(m):
+        start[J + 1] += start[J]
+    fill = start[:m].copy()
+    rows = np.empty(start[m], dtype=np.int64)
+    for t in range(n):
+        for r in range(kk):
+            J = selp[t, r]
+            if J < m:
+                rows[fill[J]] = t
+                fill[J] += 1
+    return start, rows
+
+
+@numba.njit(fastmath=FASTMATH, cache=True)
+def _rank1(A, r0, T, w, B, u):  # pragma: no cover - compiled
+    """``A[r0 + j] += w[j] B[u]`` for ``j < T``."""
+    c = A.shape[1]
+    for j in range(T):
+        e = w[j]
+        r = r0 + j
+        for a in range(c):
+            A[r, a] += e * B[u, a]
+
+
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _select(q, kbar, kbarT, b, kk, scale, sel):  # pragma: no cover - compiled
     """``sel`` (B, m b, kk): per row the ``kk`` earlier blocks with the largest ``(scale q_t) . kbar_J``,
@@ -277,23 +320,7 @@ def _forward(q, k, v, gamma, sel, sigma, b, scale, values, Y, cZ, mu, ell):  # p
         sc = np.empty(bp, dtype=q.dtype)
         pw = np.empty(m, dtype=q.dtype)
         ZI = np.empty((b, dv), dtype=q.dtype)  # Z of the current block's solved rows
-        # the push lists: rows that selected block J are rows[start[J]:start[J + 1]], in order
-        start = np.zeros(m + 1, dtype=np.int64)
-        for t in range(n):
-            for r in range(kk):
-                J = selp[t, r]
-                if J < m:
-                    start[J + 1] += 1
-        for J in range(m):
-            start[J + 1] += start[J]
-        fill = start[:m].copy()
-        rows = np.empty(start[m], dtype=np.int64)
-        for t in range(n):
-            for r in range(kk):
-                J = selp[t, r]
-                if J < m:
-                    rows[fill[J]] = t
-                    fill[J] += 1
+        start, rows = _link_lists(selp, n, m)
         for t in range(n):
             mup[t] = ninf
             ellp[t] = zero
@@ -400,14 +427,189 @@ def _forward(q, k, v, gamma, sel, sigma, b, scale, values, Y, cZ, mu, ell):  # p
             ellp[t] = (i + 1) * expneg(-mx) + fb * l_pool  # stored in the working precision
 
 
+@numba.njit(nogil=True, fastmath=FASTMATH, cache=True)
+def _backward(q, k, v, gamma, dy, y, sel, sigma, mu, ell, b, scale, G, dq, dk, dV, dsigma):  # pragma: no cover
+    """The vector-Jacobian product, blocks from the last to the first, per batch entry.
+
+    With ``X = y / (1 - gamma)``, ``Z = V + gamma X``, ``dX = (1 - gamma) dy``: ``G`` (B, n, dv) solves
+    ``(I - gamma Ahat)^T G = dX`` by block backward substitution, ``dV = Ahat^T G``, and the score
+    gradients ``dlogit_ts = Ahat_ts (G_t . Z_s - delta_t)``, ``delta_t = G_t . X_t``, reach ``dq``
+    and ``dk`` (scale included) for the own blocks and the exact links, and ``dsigma`` (B, m, m) for
+    the pooled scores (which the caller takes through the block means).  ``Ahat`` is recomputed
+    from the forward's row statistics ``mu``, ``ell``: every exponent is a logit minus its row's max.
+
+    Block J, once every later row's ``G`` is known: ``r_J[s] = sum_{t later} Ahat_ts G_t`` is the
+    pooled accumulator ``H_J`` (the same for every key of J) plus the exact links of the rows that
+    selected J (pulled: scores against J's keys, ``P^T G``, and their score gradients); then the
+    own block's upper-triangular solve row by row from the last, ``dV``, ``delta`` and the own
+    block's score gradients; then the rows' pooled weights add ``p^T G`` to ``H`` of the earlier
+    blocks they did not select and their ``dsigma``.
+    """
+    B, n, d = q.shape
+    dvd = v.shape[2]
+    m = sigma.shape[1]
+    kk = sel.shape[2]
+    for p in range(B):
+        c = np.zeros(4, dtype=q.dtype)
+        c[1] = 1
+        c[2] = b
+        c[3] = -np.inf
+        zero, one, fb, ninf = c[0], c[1], c[2], c[3]
+        gam = gamma[p]
+        onem = one - gam
+        inv1m = one / onem
+        qp = q[p]
+        kp = k[p]
+        vp = v[p]
+        dyp = dy[p]
+        yp = y[p]
+        Gp = G[p]
+        dqp = dq[p]
+        dkp = dk[p]
+        dVp = dV[p]
+        sg = sigma[p]
+        dsg = dsigma[p]
+        mup = mu[p]
+        ellp = ell[p]
+        selp = sel[p]
+        bp = (b + 15) // 16 * 16
+        mp = (m + 15) // 16 * 16
+        KT = np.zeros((d, bp), dtype=q.dtype)  # the block's keys, transposed (see _forward)
+        ZT = np.zeros((dvd, bp), dtype=q.dtype)  # the block's Z = V + gamma X, transposed
+        cZT = np.zeros((dvd, mp), dtype=q.dtype)  # block sums of Z, transposed
+        A = np.zeros((b, b), dtype=q.dtype)  # the own block of Ahat
+        r = np.empty((b, dvd), dtype=q.dtype)
+        H = np.zeros((m, dvd), dtype=q.dtype)
+        acc = np.empty((1, dvd), dtype=q.dtype)
+        sc = np.empty(max(bp, mp), dtype=q.dtype)
+        w = np.empty(max(bp, mp), dtype=q.dtype)
+        delta = np.empty(n, dtype=q.dtype)
+        start, rows = _link_lists(selp, n, m)
+        for t in range(n):
+            for a in range(d):
+                dqp[t, a] = zero
+                dkp[t, a] = zero
+            J = t // b
+            for a in range(dvd):
+                cZT[a, J] += vp[t, a] + gam * (yp[t, a] * inv1m)
+        for r0 in range(m):
+            for r1 in range(m):
+                dsg[r0, r1] = zero
+        for J in range(m - 1, -1, -1):
+            t0 = J * b
+            T = min(n, t0 + b) - t0
+            for a in range(d):
+                for j in range(T):
+                    KT[a, j] = kp[t0 + j, a]
+            for a in range(dvd):
+                for j in range(T):
+                    ZT[a, j] = vp[t0 + j, a] + gam * (yp[t0 + j, a] * inv1m)
+            for j in range(T):
+                for a in range(dvd):
+                    r[j, a] = H[J, a]
+            # the exact links of the later rows that selected J (block J is full)
+            for idx in range(start[J], start[J + 1]):
+                u = rows[idx]
+                _scores(qp, u, scale, KT, bp, sc, zero)
+                mo = mup[u]
+                il = one / ellp[u]
+                for j in range(b):
+                    w[j] = expneg(sc[j] - mo) * il  # P_uj
+                _rank1(r, 0, b, w, Gp, u)
+                _scores(Gp, u, one, ZT, bp, sc, zero)  # G_u . Z_j
+                du = delta[u]
+                for j in range(b):
+                    w[j] = scale * w[j] * (sc[j] - du)
+                _accumulate(dqp, u, w, kp, t0, b)
+                _rank1(dkp, t0, b, w, qp, u)
+            # the own block's rows of Ahat
+            for i in range(T):
+                t = t0 + i
+                _scores(qp, t, scale, KT, min(bp, (i + 16) // 16 * 16), sc, zero)
+                mo = mup[t]
+                il = one / ellp[t]
+                for j in range(i + 1):
+                    A[i, j] = expneg(sc[j] - mo) * il
+            # (I - gamma A)^T G = dX + gamma r, from the last row up; dV = A^T G + r
+            for i in range(T - 1, -1, -1):
+                t = t0 + i
+                nb = T - 1 - i
+                for jj in range(nb):
+                    w[jj] = A[i + 1 + jj, i]
+                for a in range(dvd):
+                    acc[0, a] = r[i, a]
+                _accumulate(acc, 0, w, Gp, t + 1, nb)  # r_t + sum_{s > t in J} A_st G_s
+                aii = A[i, i]
+                inv = one / (one - gam * aii)
+                dl = zero
+                for a in range(dvd):
+                    g = (onem * dyp[t, a] + gam * acc[0, a]) * inv
+                    Gp[t, a] = g
+                    dVp[t, a] = acc[0, a] + aii * g
+                    dl += g * (yp[t, a] * inv1m)
+                delta[t] = dl
+            # the own block's score gradients
+            for i in range(T):
+                t = t0 + i
+                _scores(Gp, t, one, ZT, min(bp, (i + 16) // 16 * 16), sc, zero)  # G_t . Z_j
+                dl = delta[t]
+                for j in range(i + 1):
+                    w[j] = scale * A[i, j] * (sc[j] - dl)
+                _accumulate(dqp, t, w, kp, t0, i + 1)
+                _rank1(dkp, t0, i + 1, w, qp, t)
+            # the pooled weights of the rows of J on the earlier blocks they did not select
+            if J <= kk:
+                continue
+            Jp = (J + 15) // 16 * 16
+            for i in range(T):
+                t = t0 + i
+                mo = mup[t]
+                il = one / ellp[t]
+                for I in range(J):
+                    w[I] = sg[J, I]
+                for rr in range(kk):
+                    I = selp[t, rr]
+                    if I < J:
+                        w[I] = ninf
+                for I in range(J):
+                    w[I] = expneg(w[I] - mo) * il  # p_tI, 0 where selected
+                for I in range(J):
+                    e = w[I]
+                    if e != zero:
+                        for a in range(dvd):
+                            H[I, a] += e * Gp[t, a]
+                _scores(Gp, t, one, cZT, Jp, sc, zero)  # G_t . c_I
+                dl = fb * delta[t]
+                for I in range(J):
+                    dsg[J, I] += w[I] * (sc[I] - dl)
+
+
+def _over_batch(fn, B, work):
+    """``fn(lo, hi)`` on contiguous slices of the batch, one per core on a thread pool (the kernel is
+    compiled without the GIL).
+
+    For the backward kernel only: with ``parallel=True`` it compiled in 13 s per dtype instead of 5
+    on the 2-core machine, and ran no faster (medians 101 and 98 ms at batch 8, n 4096).  The forward
+    and the selection keep Numba's threads: there the pool was 15-30 % slower (forward at n 4096:
+    median 43 against 37 ms over 41 interleaved runs), for 5 s more compile time per dtype.
+    """
+    n_workers = min(B, _threads.workers()) if work >= _threads.PARALLEL_MIN else 1
+    if n_workers < 2:
+        fn(0, B)
+        return
+    cuts = np.linspace(0, B, n_workers + 1).astype(int)
+    with ThreadPoolExecutor(n_workers) as ex:
+        list(ex.map(lambda i: fn(cuts[i], cuts[i + 1]), range(n_workers)))
+
+
 def select(q, kbar, b, topk, scale):
     """The per-token choice of blocks, (B, m b, min(topk, m - 1)) int64 (see :func:`_select`)."""
-    B, n, _ = q.shape
+    B, n, d = q.shape
     m = kbar.shape[1]
     kk = min(topk, m - 1)
     sel = np.empty((B, m * b, kk), dtype=np.int64)
     mp = (m + 15) // 16 * 16
-    kbarT = np.zeros((B, kbar.shape[2], mp), dtype=q.dtype)
+    kbarT = np.zeros((B, d, mp), dtype=q.dtype)
     kbarT[:, :, :m] = np.swapaxes(kbar, -1, -2)
     _select(q, kbar, kbarT, b, kk, q.dtype.type(scale), sel)
     return sel
@@ -429,3 +631,25 @@ def forward(q, k, v, gamma, sel, sigma, b, scale, values=True):
         cZ = np.empty((B, 0, dv), dtype=dt)
     _forward(q, k, v, gamma.astype(dt), sel, sigma, b, dt.type(scale), values, Y, cZ, mu, ell)
     return (Y if values else None), mu, ell
+
+
+def backward(q, k, v, gamma, dy, y, sel, sigma, mu, ell, b, scale):
+    """``(dq, dk, dv, dsigma)`` from :func:`_backward` (dq and dk without the pooled scores' share)."""
+    B, n, d = q.shape
+    dt = q.dtype
+    m = sigma.shape[1]
+    G = np.empty(v.shape, dtype=dt)
+    dq = np.empty(q.shape, dtype=dt)
+    dk = np.empty(k.shape, dtype=dt)
+    dV = np.empty(v.shape, dtype=dt)
+    dsigma = np.empty((B, m, m), dtype=dt)
+    g = gamma.astype(dt)
+    sc = dt.type(scale)
+
+    def run(lo, hi):
+        s = slice(lo, hi)
+        _backward(q[s], k[s], v[s], g[s], dy[s], y[s], sel[s], sigma[s], mu[s], ell[s], b, sc, G[s], dq[s], dk[s],
+                  dV[s], dsigma[s])
+
+    _over_batch(run, B, B * n * (d + v.shape[-1]))
+    return dq, dk, dV, dsigma

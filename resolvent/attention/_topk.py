@@ -37,8 +37,8 @@ Two implementations of the forward pass compute the same numbers:
   the rows of a block and the columns of V are vectorised, about 25 NumPy calls per block.  At
   batch x heads = 8, n = 4096 that call overhead, not the arithmetic, was its time.
 
-The backward pass (:func:`backward`, NumPy; with Numba it takes the selection and the row
-normalisers from the kernels) solves ``G = (I - gamma Ahat)^{-T} (1 - gamma) dY`` by block
+The backward pass (:func:`backward`; a third Numba kernel, or NumPy in :func:`_backward`) solves
+``G = (I - gamma Ahat)^{-T} (1 - gamma) dY`` by block
 *backward* substitution in the same cost class: later rows reach block J through their exact links
 (pulled from the same groups) and through their pooled weights, which are equal for every key of J
 and so are carried by a running per-block accumulator; see :func:`_backward` and ``docs/topk.md``
@@ -191,8 +191,8 @@ def _choose(q, qs, kbar, b, m, n, topk, scale):
     return _select(qs[:, : m * b], kbar, b, m, n, topk)
 
 
-def _setup(q, k, b, topk, scale, sel=None) -> _Layout:
-    """Padded, scaled queries, block means, the selection (unless given), its push groups and the pooled scores."""
+def _setup(q, k, b, topk, scale) -> _Layout:
+    """Padded, scaled queries, block means, the selection, its push groups and the pooled scores."""
     B, n, d = q.shape
     m = -(-n // b)
     N = m * b
@@ -201,8 +201,7 @@ def _setup(q, k, b, topk, scale, sel=None) -> _Layout:
     np.multiply(q, dt.type(scale), out=qs[:, :n])
     sizes = _block_sizes(n, b, dt)
     kbar, kb = _mean_keys(k, b, sizes)
-    if sel is None:
-        sel = _choose(q, qs, kbar, b, m, n, topk, scale)
+    sel = _choose(q, qs, kbar, b, m, n, topk, scale)
     F, off, rmax = _groups(sel, m, stride=N + 1)
     # pooled scores sigma_IJ from the mean queries (scale already in qs); only J < I is used
     qbar = qs[:, :N].reshape(B, m, b, d).sum(axis=2) / sizes[:, None]
@@ -278,25 +277,55 @@ def forward(q, k, v, gamma, b, topk, scale):
     return split_batch(_forward, (q, k, v, gamma), (b, topk, scale), B * n * (d + v.shape[-1]))
 
 
-def _forward_numba(q, k, v, gamma, b, topk, scale, values=True):
-    """The fused kernel (``resolvent/_cpu/_topk.py``) on the whole batch (its threads run over it).
+def _numba_layout(q, k, b, topk, scale):
+    """What the fused kernels share: block sizes, mean keys, scaled mean queries, the pooled scores
+    ``sigma`` (B, m, m) and the selection (by the Numba kernel)."""
+    from .._cpu._topk import select
 
-    Returns ``(Y, sel, mu, ell)``: the output (None without ``values``, when only the row statistics
-    are wanted), the selection and each row's final shift and normaliser (B, m b), as :func:`_forward`
-    with ``stats`` leaves them.
-    """
-    from .._cpu._topk import forward as fused, select
-
-    B, n, d = q.shape
+    n = q.shape[1]
     dt = q.dtype
     sizes = _block_sizes(n, b, dt)
     kbar, _ = _mean_keys(k, b, sizes)
     qbar, _ = _mean_keys(q, b, sizes)
     qbar *= dt.type(scale)
     sigma = qbar @ np.swapaxes(kbar, -1, -2)
-    sel = select(q, kbar, b, topk, scale)
+    return sizes, kbar, qbar, sigma, select(q, kbar, b, topk, scale)
+
+
+def _forward_numba(q, k, v, gamma, b, topk, scale, values=True, layout=None):
+    """The fused kernel (``resolvent/_cpu/_topk.py``) on the whole batch (its threads run over it).
+
+    Returns ``(Y, sel, mu, ell)``: the output (None without ``values``, when only the row statistics
+    are wanted), the selection and each row's final shift and normaliser (B, m b), as :func:`_forward`
+    with ``stats`` leaves them.
+    """
+    from .._cpu._topk import forward as fused
+
+    _, _, _, sigma, sel = layout or _numba_layout(q, k, b, topk, scale)
     y, mu, ell = fused(q, k, v, gamma, sel, sigma, b, scale, values=values)
     return y, sel, mu, ell
+
+
+def _backward_numba(q, k, v, gamma, b, topk, scale, dy, y=None):
+    """:func:`backward` by the fused kernels: the forward's (or, given ``y``, only its row
+    statistics), then the backward kernel; the pooled scores' gradient reaches ``q`` and ``k``
+    through the block means here."""
+    from .._cpu._topk import backward as fused_backward
+
+    from ._blockwise import _add_per_block
+
+    dt = q.dtype
+    layout = _numba_layout(q, k, b, topk, scale)
+    sizes, kbar, qbar, sigma, sel = layout
+    y_new, _, mu, ell = _forward_numba(q, k, v, gamma, b, topk, scale, values=y is None, layout=layout)
+    y = y_new if y is None else y
+    dq, dk, dvv, dsigma = fused_backward(q, k, v, gamma, dy, y, sel, sigma, mu, ell, b, scale)
+    # sigma_IJ = qbar_I . kbar_J with the scale inside qbar
+    _add_per_block(dq, dt.type(scale) * (dsigma @ kbar) / sizes[:, None], b)
+    _add_per_block(dk, (np.swapaxes(dsigma, -1, -2) @ qbar) / sizes[:, None], b)
+    X = y / (1 - gamma.astype(dt, copy=False)).reshape(-1, 1, 1)
+    dgamma = np.einsum("btc,btc->b", dvv - dy, X)
+    return dq, dk, dvv, dgamma
 
 
 def _forward(q, k, v, gamma, b, topk, scale, L=None, stats=False):
@@ -441,12 +470,8 @@ def backward(q, k, v, gamma, b, topk, scale, dy, y=None):
     B, n, d = q.shape
     work = B * n * (d + v.shape[-1])
     if use_numba():
-        # the fused kernel gives the output (unless given), the selection and the row statistics for
-        # the whole batch (Numba's threads); the NumPy backward then runs on slices of the batch
         with one_blas_thread():
-            y_new, sel, mu, ell = _forward_numba(q, k, v, gamma, b, topk, scale, values=y is None)
-        y = y_new if y is None else y
-        return split_batch(_backward_given, (q, k, v, gamma, dy, y, sel, mu, ell), (b, topk, scale), work)
+            return _backward_numba(q, k, v, gamma, b, topk, scale, dy, y)
     arrays = (q, k, v, gamma, dy) if y is None else (q, k, v, gamma, dy, y)
     return split_batch(_backward, arrays, (b, topk, scale), work)
 
@@ -482,27 +507,14 @@ def _backward(q, k, v, gamma, dy, *rest):
     else:
         y = None
         b, topk, scale = rest
+    B, n, d = q.shape
+    dv = v.shape[-1]
+    dt = q.dtype
     L = _setup(q, k, b, topk, scale)
     if y is None:
         y, mu, ell = _forward(q, k, v, gamma, b, topk, scale, L=L, stats=True)
     else:
         mu, ell = _normalisers(L, b)
-    return _backward_core(q, k, v, gamma, dy, y, L, mu, ell, b, scale)
-
-
-def _backward_given(q, k, v, gamma, dy, y, sel, mu, ell, b, topk, scale):
-    """:func:`_backward` on one slice of the batch with the output, the selection and the row
-    statistics already computed (by the fused forward kernel)."""
-    L = _setup(q, k, b, topk, scale, sel=sel)
-    return _backward_core(q, k, v, gamma, dy, y, L, mu, ell, b, scale)
-
-
-def _backward_core(q, k, v, gamma, dy, y, L, mu, ell, b, scale):
-    """The backward substitution of :func:`_backward` given the layout ``L``, the output ``y`` and
-    the row statistics ``mu``, ``ell`` (B, >= m b)."""
-    B, n, d = q.shape
-    dv = v.shape[-1]
-    dt = q.dtype
     qs, kb, kbar, qbar, sizes = L.qs, L.kb, L.kbar, L.qbar, L.sizes
     m = kb.shape[1]
     N = m * b
