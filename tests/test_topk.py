@@ -555,7 +555,11 @@ def test_fused_kernel_matches_numpy_path(rng, monkeypatch, topk_path, n, b, topk
     g = np.array([0.0, 0.6, 0.95])
     scale = 0.45
     sel_np, sel_nb = both_paths(monkeypatch, lambda: _topk._setup(q, k, b, topk, scale).sel)
-    np.testing.assert_array_equal(np.sort(sel_np, axis=-1), np.sort(sel_nb, axis=-1))
+    np.testing.assert_array_equal(sel_nb, sel_np)  # the same blocks in the same order
+    # small integers: many exactly tied block scores, each broken towards the later block
+    qi, ki = rng.integers(-2, 3, (2, 3, n, 4)).astype(np.float64)
+    ties_np, ties_nb = both_paths(monkeypatch, lambda: _topk._setup(qi, ki, b, topk, 0.5).sel)
+    np.testing.assert_array_equal(ties_nb, ties_np)
     y_np, y_nb = both_paths(monkeypatch, lambda: _topk.forward(q, k, v, g, b, topk, scale))
     assert rel(y_nb, y_np) < 1e-12
     y32 = _topk.forward(*(x.astype(np.float32) for x in (q, k, v, g)), b, topk, scale)
