@@ -187,9 +187,8 @@ def _topk_path():
     if _topk.use_numba():
         import numba
 
-        return (f"topk > 0 ran the fused Numba kernel (Numba {numba.__version__}, "
-                f"{numba.get_num_threads()} threads over the batch; the backward stays NumPy, the batch split "
-                "over the cores).")
+        return (f"topk > 0 ran the fused Numba kernels (Numba {numba.__version__}; the forward on "
+                f"{numba.get_num_threads()} Numba threads, the backward on a thread pool, both over the batch).")
     return "topk > 0 ran the NumPy path (no Numba), the batch split over the cores."
 
 

@@ -18,7 +18,7 @@ METHODS = ("dense", "exact", "blockwise")
 # to a power of two (at least 16).  C_POOLED from the sweep in benchmarks/block_size_sweep.py, C_TOPK
 # from the one in benchmarks/topk_scaling.py --sweep (results in benchmarks/results/).  Powers of two
 # since the fused Numba kernel: its score loops run over multiples of 16 keys (b = 24 pays for 32), and
-# in the sweeps b = 48 and 96 were 1.1-1.4x slower than 32 or 64 next to them.
+# with multiples of 8 the sweep's b = 24, 48, 96 were mostly slower than 32 or 64 (docs/topk.md, 6).
 C_POOLED = 1.8
 C_TOPK = 0.6
 
