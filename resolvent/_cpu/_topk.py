@@ -24,7 +24,7 @@ in order:
 in a (b, dv) scratch, so nothing of size n is allocated besides ``Y``.  Per row the work is
 ``(i + 1 + k b) (d + dv) + m (d + dv)`` multiply-adds, the inner loops over the contiguous ``d``,
 ``dv`` or keys.  Nothing is padded: the last block may be shorter; padded rows exist only in the
-statistics (the NumPy backward reads them).
+statistics, laid out (B, m b) as the NumPy forward leaves them.
 
 The backward kernel (:func:`_backward`) walks the blocks from the last: the later rows' exact links
 to a block are pulled from the same lists, the pooled part arrives through a running per-block
