@@ -45,7 +45,8 @@ def run(quick=False):
               f" {'links ms':>9} {'speedup':>8} {'rel. diff':>10} {'mass':>6}")
     print(header)
     print("-" * len(header))
-    chain_attention(*local_qkv(256), gamma)  # compile the CPU kernel once, outside the timings
+    for topk in (0, 1):  # compile the CPU kernels once, outside the timings
+        chain_attention(*local_qkv(256), gamma, topk=topk)
     for n in ns:
         q, k, v = local_qkv(n)
         y_exact, t_exact = _timed(lambda: chain_attention(q, k, v, gamma, method="exact"))
@@ -58,4 +59,5 @@ def run(quick=False):
         print(row)
     print("Pooled coupling gives each earlier block one weight, so the first tokens of a block lose the")
     print("neighbours just before it and the chain carries that error on; one exact link per token")
-    print("(topk=1) keeps them, and the result matches exact to float32 rounding.")
+    print("(topk=1) keeps them, and the result matches exact up to the little mass left pooled")
+    print("(the smallest block, at n = 1024, leaves the most).")
