@@ -11,13 +11,14 @@ only reorganises where it runs, so that a forward pass is four launches and no l
    ``sigma_IJ = qbar_I . kbar_J`` (J < I), their shift ``c_I``, ``W_IJ = exp(sigma_IJ - c_I)``
    (written out for steps 3-4), the pooled mass and ``P_I = sum_J W_IJ vsum_J``; then the causal
    scores of the block (register-tiled, :func:`._kernels._tri_prod`), the row normalisers and
-   ``D``; then the block's forward substitution with ``I - gamma D`` on ``[U | gamma u]``, one
-   thread per column.  A column's substitution needs no other column, so the solve has no barrier
-   per row (the old kernel synchronised 64 times per block).
+   ``D``; then the block's forward substitution with ``I - gamma D`` on ``[U | gamma u]`` by
+   panels of ``PANEL`` rows: inside a panel one thread per column substitutes (a column needs no
+   other column), then every thread adds the panel's rows to the rows below.  Two barriers per
+   panel, where the old kernel had one per row.
 3. :func:`_reduced_kernel`: the reduced unit lower-triangular system ``(I - diag(g) W) Z = R``,
-   blocked in ``NB`` rows.  Thread block ``(p, chunk, J)`` multiplies its rows of ``W`` with each
-   finished earlier block ``Z_J'`` as soon as that block's flag is up, then solves its diagonal
-   block one thread per column and raises its own flag.  Thread blocks take their ``(p, chunk, J)``
+   blocked in ``NB`` rows.  Thread block ``(p, chunk, J)`` first inverts its diagonal block, then
+   multiplies its rows of ``W`` with each finished earlier block ``Z_J'`` as soon as that block's
+   flag is up, applies the inverse and raises its own flag.  Thread blocks take their ``(p, chunk, J)``
    from an atomic ticket, so every block a thread block waits for was started before it: no
    deadlock whatever the scheduling, and the serial chain is ``m / NB`` short steps.
 4. :func:`_combine_kernel`: ``(W Z)_I`` and ``X <- (1 - gamma) (X + h (W Z)_I)`` in place.
