@@ -39,13 +39,18 @@ def as_inexact(x, name: str, *, min_ndim: int = 0) -> np.ndarray:
     return arr
 
 
+def nonfinite_error(name: str) -> ValueError:
+    """The error for an argument holding an infinity or a NaN (the CPU and GPU layers alike)."""
+    return ValueError(
+        f"{name} must contain only finite values (found inf or NaN); "
+        "pass check_finite=False to skip this check"
+    )
+
+
 def check_finite_array(arr: np.ndarray, name: str) -> None:
     """Raise ``ValueError`` when ``arr`` holds an infinity or a NaN."""
     if not np.isfinite(arr).all():
-        raise ValueError(
-            f"{name} must contain only finite values (found inf or NaN); "
-            "pass check_finite=False to skip this check"
-        )
+        raise nonfinite_error(name)
 
 
 def check_choice(value, name: str, choices) -> str:

@@ -61,15 +61,11 @@ def _as_float(x, name, min_ndim=0):
 
 def _all_finite(*named):
     """One reduction per array, one synchronisation for all; ValueError names the first bad one."""
+    from ._fused import raise_nonfinite
+
     cp = _cp()
     flags = cp.stack([cp.isfinite(x).all() for _, x in named])
-    ok = cp.asnumpy(flags)
-    for (name, _), good in zip(named, ok):
-        if not good:
-            raise ValueError(
-                f"{name} must contain only finite values (found inf or NaN); "
-                "pass check_finite=False to skip this check"
-            )
+    raise_nonfinite([not good for good in cp.asnumpy(flags)], [name for name, _ in named])
 
 
 def _prepare_qkv(q, k, v, finite=True):

@@ -599,13 +599,13 @@ def forward(xp, q, k, v, gamma, b, scale, *, nt=None):
 
 
 def raise_nonfinite(bad, names=("q", "k", "v")):
-    """Raise the CPU layer's ``ValueError`` for the first array that :func:`forward` flagged."""
+    """Raise the CPU layer's ``ValueError`` for the first array flagged non-finite (``bad``: one
+    truth value per name; from :func:`forward`'s kernels or ``_api._all_finite``'s reductions)."""
+    from .._validate import nonfinite_error
+
     for name, flag in zip(names, (int(x) for x in bad)):
         if flag:
-            raise ValueError(
-                f"{name} must contain only finite values (found inf or NaN); "
-                "pass check_finite=False to skip this check"
-            )
+            raise nonfinite_error(name)
 
 
 def forward_checked(xp, q, k, v, gamma, b, scale, *, nt=None):
