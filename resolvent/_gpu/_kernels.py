@@ -83,6 +83,39 @@ def threads(nt=None):
 # device building blocks
 
 
+def _uint64():
+    from numba import uint64
+
+    return uint64
+
+
+def generated(name, lines, env):
+    """Compile generated straight-line source as a device function.  numba-cuda leaves these loops
+    rolled, and rolled they spend about ten integer instructions (64-bit index arithmetic, the
+    negative-index fix-up) on every multiply-add; unrolled on unsigned indices every shared read is
+    a base register plus a constant offset (docs/gpu.md)."""
+    ns = {"uint64": _uint64(), "cuda": cuda, "min": min, **env}
+    exec(compile("\n".join(lines) + "\n", f"<resolvent generated {name}>", "exec"), ns)
+    return cuda.jit(device=True)(ns[name])
+
+
+@functools.cache
+def _tri_inner(NTR, KC, dtype):
+    """Device function: one chunk of ``KC`` columns of a thread's 4 x 4 score tile (the 10 pairs
+    that can hold entries on or below the diagonal), unrolled: 8 shared reads and 10 multiply-adds
+    a column, and nothing else."""
+    env = {f"U{c}": np.uint64(c) for c in range(KC)}
+    env["UNTR"] = np.uint64(NTR)
+    acc = ["a00", "a10", "a11", "a20", "a21", "a22", "a30", "a31", "a32", "a33"]
+    L = [f"def inner(qs, ks, ti, tj, {', '.join(acc)}):", "    i0 = uint64(ti)", "    j0 = uint64(tj)"]
+    L += [f"    i{r} = i{r - 1} + UNTR" for r in range(1, 4)] + [f"    j{r} = j{r - 1} + UNTR" for r in range(1, 4)]
+    for c in range(KC):
+        L += [f"    x{r} = qs[i{r}, U{c}]" for r in range(4)] + [f"    y{r} = ks[j{r}, U{c}]" for r in range(4)]
+        L += [f"    a{r}{q} += x{r} * y{q}" for r in range(4) for q in range(r + 1)]
+    L += [f"    return ({', '.join(acc)})"]
+    return generated("inner", L, env)
+
+
 @functools.cache
 def _tri_prod(BP, K, NT, dtype, combine_mode, kc=KC):
     """Device function: the causal lower triangle of ``A_I (B_I + c2 Bc_I)^T`` into shared ``S``.
@@ -99,6 +132,7 @@ def _tri_prod(BP, K, NT, dtype, combine_mode, kc=KC):
     NCH = _cdiv(K, KCc)
     ZERO = np.dtype(dtype).type(0)
     LIT = _cdiv(BP * KCc, NT)  # chunk elements per thread: loaded into registers first
+    inner = _tri_inner(NTR, KCc, dtype)
     nbt = _numba_type(dtype)
 
     @cuda.jit(device=True)
@@ -141,25 +175,8 @@ def _tri_prod(BP, K, NT, dtype, combine_mode, kc=KC):
                         ks[r, e - r * KCc] = bk[li]
                 cuda.syncthreads()
                 if active:
-                    for cc in range(KCc):
-                        x0 = qs[ti, cc]
-                        x1 = qs[ti + NTR, cc]
-                        x2 = qs[ti + 2 * NTR, cc]
-                        x3 = qs[ti + 3 * NTR, cc]
-                        y0 = ks[tj, cc]
-                        y1 = ks[tj + NTR, cc]
-                        y2 = ks[tj + 2 * NTR, cc]
-                        y3 = ks[tj + 3 * NTR, cc]
-                        a00 += x0 * y0
-                        a10 += x1 * y0
-                        a11 += x1 * y1
-                        a20 += x2 * y0
-                        a21 += x2 * y1
-                        a22 += x2 * y2
-                        a30 += x3 * y0
-                        a31 += x3 * y1
-                        a32 += x3 * y2
-                        a33 += x3 * y3
+                    (a00, a10, a11, a20, a21, a22, a30, a31, a32,
+                     a33) = inner(qs, ks, ti, tj, a00, a10, a11, a20, a21, a22, a30, a31, a32, a33)
             if active:
                 i0 = ti
                 i1 = ti + NTR
@@ -482,17 +499,6 @@ def _numba_argtype(x):
     raise TypeError(f"unsupported kernel argument {type(x)}")
 
 
-def _arg_key(x):
-    """What of a launch argument fixes the compiled kernel: cheap to compute on every launch."""
-    if _is_cupy(x):
-        return (x.dtype.char, x.ndim)
-    if isinstance(x, np.floating):
-        return x.dtype.char
-    if isinstance(x, (int, np.integer)):
-        return "i"
-    raise TypeError(f"unsupported kernel argument {type(x)}")
-
-
 _BY_KEY: dict = {}
 
 
@@ -516,36 +522,68 @@ def _fast_function(kern, argtypes):
     return fn[1]
 
 
-def _flatten(args):
-    """numba's kernel ABI: an array is (meminfo, parent, nitems, itemsize, data, shape..., strides...)."""
-    flat = []
+_MASK64 = (1 << 64) - 1
+_OFFSETS: dict = {}  #: number of parameters -> their byte offsets in the word buffer
+
+
+def _fast_args(args):
+    """``(key, words)`` for a raw launch, or ``None`` when an argument needs numba's own launch.
+
+    ``key``: what of the arguments fixes the compiled kernel (cheap, looked up on every launch).
+    ``words``: numba's kernel ABI, one 8-byte word per parameter: an array is (meminfo, parent,
+    nitems, itemsize, data, shape..., strides...), an integer an int64, a float32 its bits in the
+    low half of its word."""
+    key = []
+    words = []
     for x in args:
-        if _is_cupy(x):
-            flat += [np.uint64(0), np.uint64(0), np.int64(x.size), np.int64(x.itemsize), np.uint64(x.data.ptr)]
-            flat += [np.int64(n) for n in x.shape]
-            flat += [np.int64(st) for st in x.strides]
-        elif isinstance(x, (int, np.integer)) and not isinstance(x, np.floating):
-            flat.append(np.int64(x))
+        if isinstance(x, np.float32):
+            key.append("f")
+            words.append(int(x.view(np.uint32)))
+        elif isinstance(x, np.float64):
+            key.append("d")
+            words.append(int(x.view(np.uint64)))
+        elif isinstance(x, (int, np.integer)):
+            key.append("i")
+            words.append(int(x) & _MASK64)
+        elif _is_cupy(x) and x.flags.c_contiguous:
+            key.append((x.dtype.char, x.ndim))
+            words += [0, 0, x.size, x.itemsize, x.data.ptr, *x.shape, *x.strides]
         else:
-            flat.append(x)
-    return flat
+            return None
+    return tuple(key), words
+
+
+def _launch_raw(fn, grid3, nthreads, stream, words):
+    """``cuLaunchKernel`` with every parameter in one NumPy buffer: a few microseconds, where CuPy's
+    ``Function.__call__`` builds a Python object per parameter (about 100 here, ~0.1 ms a launch)."""
+    import cupy
+
+    words = np.array(words, dtype=np.uint64)
+    nw = words.size
+    offs = _OFFSETS.get(nw)
+    if offs is None:
+        offs = _OFFSETS[nw] = np.arange(nw, dtype=np.uint64) * np.uint64(8)
+    ptrs = offs + np.uint64(words.ctypes.data)  # kernelParams: a pointer to each word
+    cupy.cuda.driver.launchKernel(fn.ptr, grid3[0], grid3[1], grid3[2], nthreads, 1, 1, 0, stream.ptr,
+                                  ptrs.ctypes.data, 0)  # the driver copies the words before returning
 
 
 def _launch(kern, grid, nthreads, stream, args):
     """Launch ``kern``: CuPy arrays through the fast path on CuPy's current stream; NumPy arrays
     (the simulator) and anything else through numba."""
     grid = grid if isinstance(grid, tuple) else (grid,)
-    arrays = [a for a in args if hasattr(a, "shape") and not isinstance(a, np.generic)]
-    if not _simulated() and arrays and all(_is_cupy(a) and a.flags.c_contiguous for a in arrays):
+    fast = None if _simulated() else _fast_args(args)
+    if fast is not None:
         import cupy
 
-        key = (id(kern), tuple(_arg_key(a) for a in args))
+        key = (id(kern), fast[0])
         fn = _BY_KEY.get(key)
         if fn is None:  # building numba types costs microseconds per argument: once per signature
             fn = _BY_KEY[key] = _fast_function(kern, tuple(_numba_argtype(a) for a in args))
         grid3 = tuple(grid) + (1,) * (3 - len(grid))
-        fn(grid3, (nthreads, 1, 1), tuple(_flatten(args)), stream=cupy.cuda.get_current_stream())
+        _launch_raw(fn, grid3, nthreads, cupy.cuda.get_current_stream(), fast[1])
         return
+    arrays = [a for a in args if hasattr(a, "shape") and not isinstance(a, np.generic)]
     if stream is None and not _simulated() and any(_is_cupy(a) for a in arrays):
         import cupy
 
