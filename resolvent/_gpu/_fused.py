@@ -40,11 +40,13 @@ from . import _kernels as K
 __all__ = ["forward", "forward_checked", "supported", "SYNC_HEAD"]
 
 NT = 256  #: threads per thread block
+NT_SMALL = 128  #: threads per thread block of the per-block kernels when b <= 32
 DVC = 64  #: value columns per pass of the within-block solve
 KCF = 16  #: columns of q/k per shared chunk of the score tile (small: room for the solve's tile)
 NB = 64  #: diagonal block of the reduced system
 PANEL = 16  #: rows per panel of the blocked substitutions (even; divides NB and the block tiles)
 CW = 16  #: right-hand-side columns per thread block of the reduced system (fewer: shorter chain steps)
+CW_SHORT = 32  #: the same when the chain has at most two steps (64 would pass the 48 KB of static shared memory)
 SYNC_HEAD = 4  #: sync[0:3] non-finite q, k, v; sync[3] the reduced solve's ticket counter
 
 
@@ -58,6 +60,24 @@ def _threads(nt):
     if nt is not None:
         return nt
     return 64 if K._simulated() else NT
+
+
+def _block_threads(b, nt):
+    """Threads of the per-block kernels (rows, combine): ``NT_SMALL`` for ``b <= 32``, where most
+    phases have at most ``b`` rows or ``dv + 1`` columns to give out, so that twice as many thread
+    blocks share an SM; ``NT`` otherwise."""
+    if nt is not None or K._simulated():
+        return _threads(nt)
+    return NT_SMALL if b <= 32 else NT
+
+
+def _reduced_width(mb, nt):
+    """Right-hand-side columns per thread block of the reduced system with ``mb`` diagonal blocks:
+    ``CW``, or ``CW_SHORT`` when there is no chain to shorten (at most two steps), so that fewer
+    thread blocks invert the same diagonal block."""
+    if mb <= 2 and nt is None and not K._simulated():
+        return CW_SHORT
+    return _widths(_threads(nt))[1]
 
 
 def _widths(nt):
@@ -111,6 +131,8 @@ def _tile_load(NR, NC, NT, dtype):
     IT = K._cdiv(NR * NC, NT)
     nbt = K._numba_type(dtype)
     ZERO = np.dtype(dtype).type(0)
+    if NT % NC == 0:
+        return _tile_load_unrolled(NR, NC, NT, dtype)
 
     @cuda.jit(device=True)
     def tile_load(src, p, r0, T, c0, C, dst):
@@ -132,6 +154,25 @@ def _tile_load(NR, NC, NT, dtype):
                 dst[i, j] = buf[it]
 
     return tile_load
+
+
+@functools.cache
+def _tile_load_unrolled(NR, NC, NT, dtype):
+    """:func:`_tile_load` when ``NC`` divides ``NT``: a thread keeps one column and every
+    ``NT / NC``-th row, unrolled on unsigned indices (its loads in registers, not local memory)."""
+    RS = NT // NC
+    IT = K._cdiv(NR, RS)
+    env = {"ZERO": np.dtype(dtype).type(0),
+           "UNC": np.uint64(NC), "UNR": np.uint64(NR)}
+    env.update({f"U{it}": np.uint64(it * RS) for it in range(IT)})
+    L = ["def tile_load(src, p, r0, T, c0, C, dst):", "    tid = uint64(cuda.threadIdx.x)",
+         "    i = tid // UNC", "    j = tid - i * UNC", "    pu = uint64(p)", "    ru = uint64(r0) + i",
+         "    cj = uint64(c0) + j", "    Tu = uint64(T)", "    ok = cj < uint64(C)"]
+    for it in range(IT):
+        L += [f"    b{it} = ZERO", f"    if ok and i + U{it} < Tu:", f"        b{it} = src[pu, ru + U{it}, cj]"]
+    for it in range(IT):
+        L += [f"    if i + U{it} < UNR:", f"        dst[i + U{it}, j] = b{it}"]
+    return K.generated("tile_load", L, env)
 
 
 @functools.cache
@@ -176,10 +217,26 @@ def _row_times(dv, NT, dtype):
             a0 = ZERO
             a1 = ZERO
             J = grp
-            while J + 3 * RG < I:  # four loads in flight
-                a0 += W[p, I, J] * M[p, J, c] + W[p, I, J + 2 * RG] * M[p, J + 2 * RG, c]
-                a1 += W[p, I, J + RG] * M[p, J + RG, c] + W[p, I, J + 3 * RG] * M[p, J + 3 * RG, c]
-                J += 4 * RG
+            while J + 7 * RG < I:  # sixteen loads in flight
+                w0 = W[p, I, J]
+                w1 = W[p, I, J + RG]
+                w2 = W[p, I, J + 2 * RG]
+                w3 = W[p, I, J + 3 * RG]
+                w4 = W[p, I, J + 4 * RG]
+                w5 = W[p, I, J + 5 * RG]
+                w6 = W[p, I, J + 6 * RG]
+                w7 = W[p, I, J + 7 * RG]
+                m0 = M[p, J, c]
+                m1 = M[p, J + RG, c]
+                m2 = M[p, J + 2 * RG, c]
+                m3 = M[p, J + 3 * RG, c]
+                m4 = M[p, J + 4 * RG, c]
+                m5 = M[p, J + 5 * RG, c]
+                m6 = M[p, J + 6 * RG, c]
+                m7 = M[p, J + 7 * RG, c]
+                a0 += (w0 * m0 + w2 * m2) + (w4 * m4 + w6 * m6)
+                a1 += (w1 * m1 + w3 * m3) + (w5 * m5 + w7 * m7)
+                J += 8 * RG
             while J < I:
                 a0 += W[p, I, J] * M[p, J, c]
                 J += RG
@@ -193,6 +250,74 @@ def _row_times(dv, NT, dtype):
         cuda.syncthreads()
 
     return row_times
+
+
+@functools.cache
+def _panel_subst(SB, dtype):
+    """Device function: one thread's column of a panel's forward substitution, unrolled.
+
+    Rows ``k0 .. k0 + SB - 1`` of ``(I - gamma D) x = rhs`` with ``rhs`` in ``ws[:, col]`` (the rows
+    above the panel already added): ``x_r = (ws[r] + sum_{j < r} S[r, j] w_j) / (1 - gamma D_rr)``
+    and ``w_r = v_r + gamma x_r`` (``v_r = 0`` for the h column).  The ``w`` stay in registers and
+    every shared read is the panel's base plus a constant (unsigned indices: no negative-index
+    fix-up), so the chain from one row to the next is three instructions.  The shared tiles have
+    whole panels of rows; rows at or past ``T`` are computed on whatever they hold and never stored.
+    Writes ``X`` (or ``h``) and ``ws[:, col] = w`` for the rows below; returns the column's sum of
+    ``x`` over the panel.
+    """
+    ZERO = np.dtype(dtype).type(0)
+    env = {"ZERO": ZERO}
+    env.update({f"U{r}": np.uint64(r) for r in range(SB)})
+    L = ["def subst(S, ws, minv, k0, T, col, gam, isv, ish, v, X, h, p, t0, a0, nm1):",
+         "    ku = uint64(k0)", "    cu = uint64(col)", "    pu = uint64(p)", "    c = uint64(a0 + col)",
+         "    tv = uint64(t0 + k0)", "    last = uint64(nm1)", "    if isv:"]
+    L += [f"        v{r} = v[pu, min(tv + U{r}, last), c]" for r in range(SB)]
+    L += ["    else:"] + [f"        v{r} = ZERO" for r in range(SB)]
+    for r in range(SB):
+        terms = "".join(f" + S[ku + U{r}, ku + U{j}] * w{j}" for j in range(r))
+        L += [f"    x{r} = (ws[ku + U{r}, cu]{terms}) * minv[ku + U{r}]", f"    w{r} = v{r} + gam * x{r}"]
+
+    def stores(ind, r):
+        return [f"{ind}ws[ku + U{r}, cu] = w{r}", f"{ind}cs += x{r}", f"{ind}if isv:",
+                f"{ind}    X[pu, tv + U{r}, c] = x{r}", f"{ind}elif ish:", f"{ind}    h[pu, tv + U{r}] = x{r}"]
+
+    L += ["    cs = ZERO", f"    if k0 + {SB} <= T:  # a whole panel: no row tests"]
+    for r in range(SB):
+        L += stores("        ", r)
+    L += ["    else:"]
+    for r in range(SB):
+        L += [f"        if k0 + {r} < T:"] + stores("            ", r)
+    L += ["    return cs"]
+    return K.generated("subst", L, env)
+
+
+@functools.cache
+def _panel_update(SB, dtype, scaled=False):
+    """Device function: ``A[i, c] += sum_{j < SB} S[i, k0 + j] A[k0 + j, c]`` (times ``gs[i]`` when
+    ``scaled``), unrolled, on unsigned indices (constant offsets from two bases)."""
+    env = {"ZERO": np.dtype(dtype).type(0)}
+    env.update({f"U{j}": np.uint64(j) for j in range(SB)})
+    L = ["def update(S, A, gs, i, c, k0):", "    iu = uint64(i)", "    cu = uint64(c)", "    ku = uint64(k0)"]
+    for a in range(4):
+        terms = [f"S[iu, ku + U{j}] * A[ku + U{j}, cu]" for j in range(a, SB, 4)]
+        L += [f"    a{a} = " + (" + ".join(terms) if terms else "ZERO")]
+    scale = "gs[iu] * " if scaled else ""
+    L += [f"    A[iu, cu] += {scale}((a0 + a1) + (a2 + a3))"]
+    return K.generated("update", L, env)
+
+
+@functools.cache
+def _inverse_panel(SB):
+    """Device function: column ``c`` of the panel ``k0 .. k0 + SB - 1`` of ``(I - diag(gs) L)^{-1}``
+    by forward substitution, unrolled (the column's entries in registers, ``L`` at constant offsets):
+    ``d_r = D1[r, c] + gs[r] sum_{j < r} L[r, j] d_j``, the rows above already added into ``D1``."""
+    env = {}
+    env.update({f"U{j}": np.uint64(j) for j in range(SB)})
+    L = ["def inv_panel(T1, D1, gs, k0, c):", "    ku = uint64(k0)", "    cu = uint64(c)", "    d0 = D1[ku, cu]"]
+    for r in range(1, SB):
+        terms = " + ".join(f"T1[ku + U{r}, ku + U{j}] * d{j}" for j in range(r))
+        L += [f"    d{r} = D1[ku + U{r}, cu] + gs[ku + U{r}] * ({terms})", f"    D1[ku + U{r}, cu] = d{r}"]
+    return K.generated("inv_panel", L, env)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,7 +367,8 @@ def _means_kernel(b, NT, dtype):
 @functools.cache
 def _rows_kernel(b, d, dv, NT, dtype):
     BP = K._cdiv(b, 4) * 4
-    BP1 = BP + 1  # shared shapes must be literal constants: no arithmetic inside the calls
+    BPS = K._cdiv(BP, PANEL) * PANEL  # whole panels of rows for the unrolled substitution
+    BPS1 = BPS + 1  # shared shapes must be literal constants: no arithmetic inside the calls
     KC1 = min(KCF, d) + 1
     RED = max(NT, dv)
     nbt = K._numba_type(dtype)
@@ -256,9 +382,12 @@ def _rows_kernel(b, d, dv, NT, dtype):
     row_times = _row_times(dv, NT, dtype)
     DV1 = _widths(NT)[0]
     DV2 = DV1 + 2
-    D4 = d // 4
+    D8 = d // 8
     NCOL = DV1 + 1  # the value columns of a pass, then the h column
-    SB, SB2 = PANEL, PANEL // 2
+    SB = PANEL
+    subst = _panel_subst(SB, dtype)
+    update = _panel_update(SB, dtype, False)
+    BF = np.dtype(dtype).type(b)
     load_v = _tile_load(BP, DV1, NT, dtype)
 
     @cuda.jit
@@ -269,12 +398,12 @@ def _rows_kernel(b, d, dv, NT, dtype):
         p = blk // m
         I = blk - p * m
         tid = cuda.threadIdx.x
-        S = cuda.shared.array((BP, BP1), nbt)
+        S = cuda.shared.array((BPS, BPS1), nbt)
         qs = cuda.shared.array((BP, KC1), nbt)
         ks = cuda.shared.array((BP, KC1), nbt)
-        ws = cuda.shared.array((BP, DV2), nbt)  # value columns of the pass, then the h column
+        ws = cuda.shared.array((BPS, DV2), nbt)  # value columns of the pass, then the h column
         us = cuda.shared.array(BP, nbt)
-        minv = cuda.shared.array(BP, nbt)
+        minv = cuda.shared.array(BPS, nbt)
         red = cuda.shared.array(RED, nbt)
         qb = cuda.shared.array(d, nbt)
         Ps = cuda.shared.array(dv, nbt)
@@ -293,13 +422,21 @@ def _rows_kernel(b, d, dv, NT, dtype):
             s1 = ZERO
             s2 = ZERO
             s3 = ZERO
-            for a4 in range(D4):  # four loads in flight
-                a = 4 * a4
-                s0 += qb[a] * kbarT[p, a, J]
-                s1 += qb[a + 1] * kbarT[p, a + 1, J]
-                s2 += qb[a + 2] * kbarT[p, a + 2, J]
-                s3 += qb[a + 3] * kbarT[p, a + 3, J]
-            for a in range(4 * D4, d):
+            for a8 in range(D8):  # eight loads in flight
+                a = 8 * a8
+                x0 = kbarT[p, a, J]
+                x1 = kbarT[p, a + 1, J]
+                x2 = kbarT[p, a + 2, J]
+                x3 = kbarT[p, a + 3, J]
+                x4 = kbarT[p, a + 4, J]
+                x5 = kbarT[p, a + 5, J]
+                x6 = kbarT[p, a + 6, J]
+                x7 = kbarT[p, a + 7, J]
+                s0 += qb[a] * x0 + qb[a + 4] * x4
+                s1 += qb[a + 1] * x1 + qb[a + 5] * x5
+                s2 += qb[a + 2] * x2 + qb[a + 6] * x6
+                s3 += qb[a + 3] * x3 + qb[a + 7] * x7
+            for a in range(8 * D8, d):
                 s0 += qb[a] * kbarT[p, a, J]
             s = (s0 + s1) + (s2 + s3)
             W[p, I, J] = s
@@ -316,7 +453,7 @@ def _rows_kernel(b, d, dv, NT, dtype):
                 w = ZERO
             W[p, I, J] = w
             lsum += w
-        pooledI = rsum(red, lsum) * b  # the earlier blocks are full
+        pooledI = rsum(red, lsum) * BF  # the earlier blocks are full (BF: b in the compute type)
         row_times(W, vs, p, I, Ps, red)  # P_I = sum_J W_IJ vsum_J
         # the block: causal scores, normalised rows with the pooled mass, D and 1 / (1 - gamma D_tt)
         tri_prod(q, k, k, ZERO, p, t0, T, S, qs, ks, scale, us)
@@ -345,44 +482,19 @@ def _rows_kernel(b, d, dv, NT, dtype):
             for k0 in range(0, T, SB):
                 k1 = min(k0 + SB, T)
                 if isv or ish:
-                    vb = cuda.local.array(SB, nbt)
-                    for r in range(SB):  # the panel's v, loads in flight together
-                        vb[r] = ZERO
-                        if isv and k0 + r < k1:
-                            vb[r] = v[p, t0 + k0 + r, a0 + col]
-                    for r in range(SB):
-                        t = k0 + r
-                        if t < k1:
-                            acc = ws[t, col]
-                            for j in range(r):
-                                acc += S[t, k0 + j] * ws[k0 + j, col]
-                            x = acc * minv[t]
-                            if isv:
-                                X[p, t0 + t, a0 + col] = x
-                                ws[t, col] = vb[r] + gam * x
-                            else:
-                                h[p, t0 + t] = x
-                                ws[t, col] = gam * x
-                            cs += x
+                    cs += subst(S, ws, minv, k0, T, col, gam, isv, ish, v, X, h, p, t0, a0, n - 1)
                 cuda.syncthreads()
                 for e in range(tid, (T - k1) * NCOL, NT):  # only full panels have rows below
                     i = k1 + e // NCOL
-                    c = e - (i - k1) * NCOL
-                    acc0 = ZERO
-                    acc1 = ZERO
-                    for jj in range(SB2):
-                        j = k0 + 2 * jj
-                        acc0 += S[i, j] * ws[j, c]
-                        acc1 += S[i, j + 1] * ws[j + 1, c]
-                    ws[i, c] += acc0 + acc1
+                    update(S, ws, us, i, e - (i - k1) * NCOL, k0)
                 cuda.syncthreads()
             if isv:
                 rr[p, I, a0 + col] = cs
             elif ish:
                 g[p, I] = cs
 
-    # 4 thread blocks of NT per SM: at most 64 registers a thread (the shared tiles allow 5)
-    K.LAUNCH_BOUNDS[id(kernel)] = (NT, 4)
+    # 1024 threads per SM: at most 64 registers a thread (the shared tiles allow that many)
+    K.LAUNCH_BOUNDS[id(kernel)] = (NT, max(1, 1024 // NT))
     return kernel
 
 
@@ -398,7 +510,7 @@ def _reduced_kernel(NT, dtype, NB, CW1):
     """
     RG = NT // CW1
     RPT = K._cdiv(NB, RG)
-    TW = max(NB, CW1) + 1
+    CW2 = CW1 + 1
     NB1 = NB + 1
     SB = min(PANEL, NB)
     nbt = K._numba_type(dtype)
@@ -406,6 +518,8 @@ def _reduced_kernel(NT, dtype, NB, CW1):
     ONE = np.dtype(dtype).type(1)
     load_L = _tile_load(NB, NB, NT, dtype)
     load_Z = _tile_load(NB, CW1, NT, dtype)
+    inv_panel = _inverse_panel(SB)
+    inv_update = _panel_update(SB, dtype, True)
     from numba import int32
 
     @cuda.jit
@@ -415,7 +529,8 @@ def _reduced_kernel(NT, dtype, NB, CW1):
         mb = (m + NB - 1) // NB
         nch = (kc + CW1 - 1) // CW1
         tid = cuda.threadIdx.x
-        T1 = cuda.shared.array((NB, TW), nbt)  # the diagonal block of L, then tiles of Z, then R_J
+        T1 = cuda.shared.array((NB, NB1), nbt)  # the diagonal block of L, then the tiles L_{J, J'}
+        Zs = cuda.shared.array((NB, CW2), nbt)  # the tiles Z_{J'}, then R_J + g_J acc
         D1 = cuda.shared.array((NB, NB1), nbt)  # the diagonal block's inverse
         gs = cuda.shared.array(NB, nbt)
         tk = cuda.shared.array(1, int32)
@@ -451,20 +566,11 @@ def _reduced_kernel(NT, dtype, NB, CW1):
         for k0 in range(0, NB, SB):
             k1 = k0 + SB
             for c in range(tid, NB, NT):
-                for r in range(SB):
-                    i = k0 + r
-                    acc1 = ZERO
-                    for j in range(r):
-                        acc1 += T1[i, k0 + j] * D1[k0 + j, c]
-                    D1[i, c] += gs[i] * acc1
+                inv_panel(T1, D1, gs, k0, c)
             cuda.syncthreads()
             for e in range(tid, (NB - k1) * NB, NT):
                 i = k1 + e // NB
-                c = e - (i - k1) * NB
-                acc1 = ZERO
-                for j in range(k0, k1):
-                    acc1 += T1[i, j] * D1[j, c]
-                D1[i, c] += gs[i] * acc1
+                inv_update(T1, D1, gs, i, e - (i - k1) * NB, k0)
             cuda.syncthreads()
         # 2. acc = L_{J, <J} Z_{<J}, one finished block at a time
         acc = cuda.local.array(RPT, nbt)
@@ -472,20 +578,21 @@ def _reduced_kernel(NT, dtype, NB, CW1):
             acc[r] = ZERO
         for J2 in range(J):
             k0 = J2 * NB
+            load_L(L, p, j0, T, k0, m, T1)  # before the wait: off the serial chain (rows >= T are 0)
             if tid == 0:
                 while cuda.atomic.add(sync, flag0 + J2, int32(0)) == 0:
                     pass
                 cuda.threadfence()
             cuda.syncthreads()
-            load_Z(Z, p, k0, NB, a0, kc, T1)
+            load_Z(Z, p, k0, NB, a0, kc, Zs)
             cuda.syncthreads()
             if act:
                 for kk in range(NB):
-                    z = T1[kk, col]
+                    z = Zs[kk, col]
                     for r in range(RPT):
                         i = rg + RG * r
                         if i < T:
-                            acc[r] += L[p, j0 + i, k0 + kk] * z
+                            acc[r] += T1[i, kk] * z
             cuda.syncthreads()
         # 3. Z_J = D1 (R_J + g_J acc)
         for r in range(RPT):
@@ -494,7 +601,7 @@ def _reduced_kernel(NT, dtype, NB, CW1):
                 val = ZERO
                 if i < T and a0 + col < kc:
                     val = R[p, j0 + i, a0 + col] + gs[i] * acc[r]
-                T1[i, col] = val
+                Zs[i, col] = val
         cuda.syncthreads()
         if act and a0 + col < kc:
             for r in range(RPT):
@@ -504,11 +611,11 @@ def _reduced_kernel(NT, dtype, NB, CW1):
                     s1 = ZERO
                     ll = 0
                     while ll + 1 <= i:
-                        s0 += D1[i, ll] * T1[ll, col]
-                        s1 += D1[i, ll + 1] * T1[ll + 1, col]
+                        s0 += D1[i, ll] * Zs[ll, col]
+                        s1 += D1[i, ll + 1] * Zs[ll + 1, col]
                         ll += 2
                     if ll == i:
-                        s0 += D1[i, ll] * T1[ll, col]
+                        s0 += D1[i, ll] * Zs[ll, col]
                     Z[p, j0 + i, a0 + col] = s0 + s1
         cuda.threadfence()
         cuda.syncthreads()
@@ -576,8 +683,8 @@ def forward(xp, q, k, v, gamma, b, scale, *, nt=None):
     dt = q.dtype
     m = K._cdiv(n, b)
     nthr = _threads(nt)
-    cw = _widths(nthr)[1]
     mb = K._cdiv(m, NB)
+    cw = _reduced_width(mb, nt)
     nch = K._cdiv(dv, cw)
     qbar = xp.empty((B, m, d), dtype=dt)
     kbarT = xp.empty((B, d, m), dtype=dt)
@@ -590,11 +697,12 @@ def forward(xp, q, k, v, gamma, b, scale, *, nt=None):
     Z = xp.empty((B, m, dv), dtype=dt)
     sync = xp.zeros(SYNC_HEAD + B * nch * mb, dtype=np.int32)
     s = dt.type(scale)
+    nblk = _block_threads(b, nt)
     K._launch(_means_kernel(b, nthr, dt), B * m, nthr, None, (q, k, v, s, qbar, kbarT, vs, sync))
-    K._launch(_rows_kernel(b, d, dv, nthr, dt), B * m, nthr, None,
+    K._launch(_rows_kernel(b, d, dv, nblk, dt), B * m, nblk, None,
               (q, k, v, gamma, s, qbar, kbarT, vs, W, X, h, rr, g))
     K._launch(_reduced_kernel(nthr, dt, NB, cw), B * nch * mb, nthr, None, (W, g, rr, Z, sync))
-    K._launch(_combine_kernel(b, dv, nthr, dt), B * m, nthr, None, (X, h, W, Z, gamma))
+    K._launch(_combine_kernel(b, dv, nblk, dt), B * m, nblk, None, (X, h, W, Z, gamma))
     return X, sync[:3]
 
 
