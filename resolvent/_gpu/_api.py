@@ -88,10 +88,27 @@ def _prepare_qkv(q, k, v, finite=True):
     return flat(q, d), flat(k, d), flat(v, v.shape[-1]), batch, dt, out_dt
 
 
+_GAMMA: dict = {}  #: (value, batch, dtype, device) -> gamma on the device, for a scalar gamma
+
+
 def _gamma(gamma, batch, dt):
+    """``gamma`` validated and broadcast to one value per batch entry, on the device.  A scalar's
+    device copy is kept (the kernels only read it): a host-to-device copy synchronises, and it
+    cost more than the kernels' launches."""
     cp = _cp()
+    key = None
+    if isinstance(gamma, (float, int, np.floating, np.integer)) and not isinstance(gamma, bool):
+        key = (float(gamma), tuple(batch), np.dtype(dt).str, cp.cuda.Device().id)
+        hit = _GAMMA.get(key)
+        if hit is not None:
+            return hit
     g = cp.asnumpy(gamma) if isinstance(gamma, cp.ndarray) else gamma
-    return cp.asarray(np.ascontiguousarray(check_gamma(g, batch, dt)).reshape(-1))
+    out = cp.asarray(np.ascontiguousarray(check_gamma(g, batch, dt)).reshape(-1))
+    if key is not None:
+        if len(_GAMMA) >= 64:
+            _GAMMA.clear()
+        _GAMMA[key] = out
+    return out
 
 
 def _topk_unsupported(topk):
