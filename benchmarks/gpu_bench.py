@@ -239,8 +239,10 @@ def breakdown(B, n):
     m = -(-n // b)
     nt = F.NT
     dt = q.dtype
-    cw = F._widths(nt)[1]
-    mb, nch = -(-m // F.NB), -(-D // cw)
+    nb = F._block_threads(b, None)  # threads of rows and combine, as F.forward launches them
+    mb = -(-m // F.NB)
+    cw = F._reduced_width(mb, None)
+    nch = -(-D // cw)
     qbar, kbarT, vs = (cupy.empty(s, dt) for s in ((B, m, D), (B, D, m), (B, m, D)))
     W, X, h = cupy.empty((B, m, m), dt), cupy.empty((B, n, D), dt), cupy.empty((B, n), dt)
     rr, g, Z = cupy.empty((B, m, D), dt), cupy.empty((B, m), dt), cupy.empty((B, m, D), dt)
@@ -255,11 +257,11 @@ def breakdown(B, n):
         "means (q, k, v block means and sums, finiteness)":
             lambda: K._launch(F._means_kernel(b, nt, dt), B * m, nt, None, (q, k, v, s, qbar, kbarT, vs, sync)),
         "rows (pooled scores, W, P; scores, normalisers; panel solve)":
-            lambda: K._launch(F._rows_kernel(b, D, D, nt, dt), B * m, nt, None,
+            lambda: K._launch(F._rows_kernel(b, D, D, nb, dt), B * m, nb, None,
                               (q, k, v, gvec, s, qbar, kbarT, vs, W, X, h, rr, g)),
         f"reduced system, {nch} x {mb} chained thread blocks per batch entry (+ a memset)": reduced,
         "combine (W Z, Woodbury correction)":
-            lambda: K._launch(F._combine_kernel(b, D, nt, dt), B * m, nt, None, (X, h, W, Z, gvec)),
+            lambda: K._launch(F._combine_kernel(b, D, nb, dt), B * m, nb, None, (X, h, W, Z, gvec)),
     }
     for fn in stages.values():
         fn()
