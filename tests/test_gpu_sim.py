@@ -180,3 +180,35 @@ def test_simulated_kernels_write_every_output(results):
 def test_simulated_float32_survives_large_scores(results):
     assert results["large_scores_finite"] == 1.0
     assert results["large_scores_rel"] <= 1e-3
+
+
+class _FakeCupyArray:
+    """What ``_kernels._fast_args`` reads of a CuPy array (the class's module says "cupy")."""
+
+    __module__ = "cupy._fake"
+
+    def __init__(self, arr, ptr):
+        self.shape, self.strides, self.size, self.itemsize = arr.shape, arr.strides, arr.size, arr.itemsize
+        self.ndim, self.dtype = arr.ndim, arr.dtype
+        self.flags = arr.flags
+        self.data = type("MemoryPointer", (), {"ptr": ptr})()
+
+
+def test_raw_launch_parameters_follow_numbas_abi():
+    """One 8-byte word per kernel parameter, as numba lays them out: an array is (meminfo, parent,
+    nitems, itemsize, data, shape..., strides...), negative strides in two's complement (a C-contiguous
+    view with a reversed axis of length 1 has them), a float32 in the low half of its word."""
+    import numpy as np
+
+    from resolvent._gpu import _kernels as K
+
+    base = np.zeros((3, 1, 4), dtype=np.float32)
+    rev = base[:, ::-1]  # still C-contiguous: the reversed axis has length 1
+    assert rev.flags.c_contiguous and rev.strides[1] < 0
+    key, words = K._fast_args((_FakeCupyArray(rev, 4096), np.float32(1.5), np.float64(-2.0), 7, -1))
+    assert key == (("f", 3), "f", "d", "i", "i")
+    assert words.dtype == np.uint64
+    expect = [0, 0, 12, 4, 4096, 3, 1, 4, *(np.array(rev.strides, dtype=np.int64).view(np.uint64))]
+    expect += [np.float32(1.5).view(np.uint32), np.float64(-2.0).view(np.uint64), 7, np.int64(-1).view(np.uint64)]
+    assert words.tolist() == [int(w) for w in expect]
+    assert K._fast_args((np.zeros(3),)) is None  # a host array: numba's own launch (the simulator)
