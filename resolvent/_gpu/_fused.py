@@ -266,8 +266,6 @@ def _panel_subst(SB, dtype):
     ``x`` over the panel.
     """
     ZERO = np.dtype(dtype).type(0)
-    env = {"ZERO": ZERO}
-    env.update({f"U{r}": np.uint64(r) for r in range(SB)})
     L = ["def subst(S, ws, minv, k0, T, col, gam, isv, ish, v, X, h, p, t0, a0, nm1):",
          "    ku = uint64(k0)", "    cu = uint64(col)", "    pu = uint64(p)", "    c = uint64(a0 + col)",
          "    tv = uint64(t0 + k0)", "    last = uint64(nm1)", "    if isv:"]
@@ -288,22 +286,20 @@ def _panel_subst(SB, dtype):
     for r in range(SB):
         L += [f"        if k0 + {r} < T:"] + stores("            ", r)
     L += ["    return cs"]
-    return K.generated("subst", L, env)
+    return K.generated("subst", L, {"ZERO": ZERO}, nconst=SB)
 
 
 @functools.cache
 def _panel_update(SB, dtype, scaled=False):
     """Device function: ``A[i, c] += sum_{j < SB} S[i, k0 + j] A[k0 + j, c]`` (times ``gs[i]`` when
     ``scaled``), unrolled, on unsigned indices (constant offsets from two bases)."""
-    env = {"ZERO": np.dtype(dtype).type(0)}
-    env.update({f"U{j}": np.uint64(j) for j in range(SB)})
     L = ["def update(S, A, gs, i, c, k0):", "    iu = uint64(i)", "    cu = uint64(c)", "    ku = uint64(k0)"]
     for a in range(4):
         terms = [f"S[iu, ku + U{j}] * A[ku + U{j}, cu]" for j in range(a, SB, 4)]
         L += [f"    a{a} = " + (" + ".join(terms) if terms else "ZERO")]
     scale = "gs[iu] * " if scaled else ""
     L += [f"    A[iu, cu] += {scale}((a0 + a1) + (a2 + a3))"]
-    return K.generated("update", L, env)
+    return K.generated("update", L, {"ZERO": np.dtype(dtype).type(0)}, nconst=SB)
 
 
 @functools.cache
@@ -311,13 +307,11 @@ def _inverse_panel(SB):
     """Device function: column ``c`` of the panel ``k0 .. k0 + SB - 1`` of ``(I - diag(gs) L)^{-1}``
     by forward substitution, unrolled (the column's entries in registers, ``L`` at constant offsets):
     ``d_r = D1[r, c] + gs[r] sum_{j < r} L[r, j] d_j``, the rows above already added into ``D1``."""
-    env = {}
-    env.update({f"U{j}": np.uint64(j) for j in range(SB)})
     L = ["def inv_panel(T1, D1, gs, k0, c):", "    ku = uint64(k0)", "    cu = uint64(c)", "    d0 = D1[ku, cu]"]
     for r in range(1, SB):
         terms = " + ".join(f"T1[ku + U{r}, ku + U{j}] * d{j}" for j in range(r))
         L += [f"    d{r} = D1[ku + U{r}, cu] + gs[ku + U{r}] * ({terms})", f"    D1[ku + U{r}, cu] = d{r}"]
-    return K.generated("inv_panel", L, env)
+    return K.generated("inv_panel", L, nconst=SB)
 
 
 # --------------------------------------------------------------------------------------------------

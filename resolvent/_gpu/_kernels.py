@@ -89,12 +89,13 @@ def _uint64():
     return uint64
 
 
-def generated(name, lines, env):
+def generated(name, lines, env=(), nconst=0):
     """Compile generated straight-line source as a device function.  numba-cuda leaves these loops
     rolled, and rolled they spend about ten integer instructions (64-bit index arithmetic, the
     negative-index fix-up) on every multiply-add; unrolled on unsigned indices every shared read is
-    a base register plus a constant offset (docs/gpu.md)."""
-    ns = {"uint64": _uint64(), "cuda": cuda, "min": min, **env}
+    a base register plus a constant offset (docs/gpu.md).  The source sees ``uint64``, ``cuda``,
+    the unsigned constants ``U0 .. U{nconst - 1}`` and ``env``."""
+    ns = {"uint64": _uint64(), "cuda": cuda, **{f"U{c}": np.uint64(c) for c in range(nconst)}, **dict(env)}
     exec(compile("\n".join(lines) + "\n", f"<resolvent generated {name}>", "exec"), ns)
     return cuda.jit(device=True)(ns[name])
 
@@ -104,8 +105,7 @@ def _tri_inner(NTR, KC, dtype):
     """Device function: one chunk of ``KC`` columns of a thread's 4 x 4 score tile (the 10 pairs
     that can hold entries on or below the diagonal), unrolled: 8 shared reads and 10 multiply-adds
     a column, and nothing else."""
-    env = {f"U{c}": np.uint64(c) for c in range(KC)}
-    env["UNTR"] = np.uint64(NTR)
+    env = {"UNTR": np.uint64(NTR)}
     acc = ["a00", "a10", "a11", "a20", "a21", "a22", "a30", "a31", "a32", "a33"]
     L = [f"def inner(qs, ks, ti, tj, {', '.join(acc)}):", "    i0 = uint64(ti)", "    j0 = uint64(tj)"]
     L += [f"    i{r} = i{r - 1} + UNTR" for r in range(1, 4)] + [f"    j{r} = j{r - 1} + UNTR" for r in range(1, 4)]
@@ -113,7 +113,7 @@ def _tri_inner(NTR, KC, dtype):
         L += [f"    x{r} = qs[i{r}, U{c}]" for r in range(4)] + [f"    y{r} = ks[j{r}, U{c}]" for r in range(4)]
         L += [f"    a{r}{q} += x{r} * y{q}" for r in range(4) for q in range(r + 1)]
     L += [f"    return ({', '.join(acc)})"]
-    return generated("inner", L, env)
+    return generated("inner", L, env, nconst=KC)
 
 
 @functools.cache
