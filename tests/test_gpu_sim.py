@@ -107,6 +107,27 @@ CHILD = textwrap.dedent(
             out[f"fused_nonfinite_{name}"] = 0.0
         except ValueError as exc:
             out[f"fused_nonfinite_{name}"] = float(str(exc).startswith(name + " must"))
+    # the float32 backward (its reduced system on the same single-launch solver, transposed)
+    for B, n, d, dv, b, nt in ((2, 37, 3, 10, 3, 8), (1, 30, 5, 4, 4, 16)):
+        q, k, v, dy, gam = inputs(B, n, d, dv)
+        f32 = [x.astype(np.float32) for x in (q, k, v, gam, dy)]
+        g32 = GB.backward(np, *f32[:4], b, 0.8, f32[4], nt=nt)
+        X = CB._forward_numpy(q, k, v, gam, b, 0.8) / (1 - gam[:, None, None])
+        ref = CB._backward_numpy(q, k, v, gam, dy, X, b, 0.8)
+        out[f"fusedbwd32_B{B}_n{n}_dv{dv}_b{b}_nt{nt}"] = max(rel(a, r) for a, r in zip(g32, ref))
+    for m, kcols in ((13, 3), (5, 10)):
+        L = np.tril(rng.uniform(0, 1, (2, m, m)), -1)
+        g = rng.uniform(0, 0.9 / m, (2, m))
+        R = rng.standard_normal((2, m, kcols))
+        T = np.eye(m) - g[..., None] * L
+        ref = np.stack([solve_triangular(T[i], R[i], lower=True) for i in range(2)])
+        Z = GB.solve_unit_lower(np, *(x.astype(np.float32) for x in (L, g, R)), nt=16)
+        out[f"fused32_reduced_lower_m{m}_k{kcols}"] = rel(Z, ref)
+        U = np.swapaxes(L, -1, -2)
+        Tu = np.eye(m) - g[..., None] * U
+        refu = np.stack([solve_triangular(Tu[i], R[i], lower=False) for i in range(2)])
+        Zu = GB.solve_unit_upper(np, *(x.astype(np.float32) for x in (U, g, R)), nt=16)
+        out[f"fused32_reduced_upper_m{m}_k{kcols}"] = rel(Zu, refu)
     GF.NB, GF.CW = 64, cw_saved
 
     # the blocked reduced solver across several diagonal blocks (block 4 instead of 64)
@@ -159,7 +180,7 @@ def _keys(results, prefix):
 
 @pytest.mark.parametrize("prefix, tol", [
     ("fwd64_", 1e-10), ("bwd64_", 1e-10), ("dense_", 1e-10), ("const_", 1e-10),
-    ("fwd32_", 1e-4), ("bwd32_", 1e-4), ("fused32_", 1e-4),
+    ("fwd32_", 1e-4), ("bwd32_", 1e-4), ("fused32_", 1e-4), ("fusedbwd32_", 1e-4),
     ("reduced_lower_", 1e-10), ("reduced_upper_", 1e-10), ("lower_solve_", 1e-10),
     ("batched_fwd64", 1e-10), ("batched_bwd64", 1e-10),
 ])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._blockwise import lower_solve
+from ._blockwise import batch_sum, lower_solve
 
 TQ = 256  # query rows per tile
 MAX_TILE_ELEMS = 1 << 26  # B * tq * tk, the largest temporary of the streaming passes (256 MB in float32)
@@ -56,7 +56,7 @@ def dense_backward(xp, q, k, v, gamma, scale, dy):
     dq = s * (dS @ k)
     dk = s * (xp.swapaxes(dS, -1, -2) @ q)
     dv = xp.swapaxes(A, -1, -2) @ G
-    dgamma = -(dy * X).sum(axis=(1, 2)) + (G * (A @ X)).sum(axis=(1, 2))
+    dgamma = -batch_sum(xp, dy * X) + batch_sum(xp, G * (A @ X))
     return dq, dk, dv, dgamma
 
 
@@ -159,5 +159,5 @@ def exact_backward(xp, q, k, v, gamma, scale, dy, tq=TQ):
         dk[:, i0:i1] = s_ * (xp.swapaxes(dS, -1, -2) @ q[:, i0:])
         dv[:, i0:i1] = xp.swapaxes(A, -1, -2) @ Gs
         AX[:, i0:] += A @ X[:, i0:i1]
-    dgamma = -(dy * X).sum(axis=(1, 2)) + (G * AX).sum(axis=(1, 2))
+    dgamma = -batch_sum(xp, dy * X) + batch_sum(xp, G * AX)
     return dq, dk, dv, dgamma

@@ -21,7 +21,7 @@ import numpy as np
 from . import _fused
 from . import _kernels as K
 
-__all__ = ["forward", "backward", "pooled_scores", "solve_unit_lower", "lower_solve", "block_sums"]
+__all__ = ["forward", "backward", "pooled_scores", "solve_unit_lower", "lower_solve", "block_sums", "batch_sum"]
 
 
 def _cdiv(a, b):
@@ -38,6 +38,17 @@ def block_sums(xp, x, b):
     if full * b < n:
         parts.append(x[:, full * b :].sum(axis=1, keepdims=True))
     return parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=1)
+
+
+def batch_sum(xp, x):
+    """``x.sum`` over all axes but the first, in two passes of many segments: a reduction of one long
+    segment per batch entry runs on one thread block per segment (0.5 ms for 4M floats at B = 1)."""
+    B = x.shape[0]
+    N = x.size // max(B, 1)
+    parts = 1
+    while parts * B < 1024 and N % (2 * parts) == 0 and N // (2 * parts) >= 1024:
+        parts *= 2
+    return x.reshape(B, parts, N // parts).sum(axis=-1).sum(axis=-1)
 
 
 def add_per_block(xp, x, per_block, b):
@@ -79,13 +90,16 @@ def solve_unit_lower(xp, L, g, R, *, stream=None, nt=None):
     Blocked: the ``m / 64`` diagonal blocks are inverted in parallel (one thread block each), then
     one kernel walks the block rows, each step a block product with the rows already solved and a
     product with the diagonal block's inverse.  The serial chain is ``m / 64`` block steps, not ``m``.
+    float32 runs the forward pipeline's single-launch solver (:func:`._fused.reduced_solve`).
     """
     B, m, k = R.shape
-    nb = K.RED_NB
-    mb = _cdiv(m, nb)
     L = xp.ascontiguousarray(L)
     g = xp.ascontiguousarray(g)
     R = xp.ascontiguousarray(R)
+    if _fused.supported(L.dtype, 0) and R.dtype == L.dtype and g.dtype == L.dtype:
+        return _fused.reduced_solve(xp, L, g, R, nt=nt)
+    nb = K.RED_NB
+    mb = _cdiv(m, nb)
     Dinv = xp.empty((B, mb, nb, nb), dtype=L.dtype)
     K.diag_block_inverse(L, g, Dinv, stream=stream, nt=nt, nb=nb)
     Z = xp.empty((B, m, k), dtype=R.dtype)
@@ -173,15 +187,15 @@ def backward(xp, q, k, v, gamma, b, scale, dy, y=None, *, stream=None, nt=None):
     asum = xp.empty((B, m), dtype=dt)
     Rsum = xp.empty((B, m, dvdim), dtype=dt)
     gdx = xp.empty((B, m), dtype=dt)
-    K.backward_grads(q, k, v, X, gamma, b, scale, Dst, u, G, hp, Wt @ Z, dq, dk, dvv, Gu, asum, Rsum,
-                     gdx, stream=stream, nt=nt)
+    grads = _fused.backward_grads if _fused.supported(dt, b) else K.backward_grads
+    grads(q, k, v, X, gamma, b, scale, Dst, u, G, hp, Wt @ Z, dq, dk, dvv, Gu, asum, Rsum, gdx, nt=nt)
     dsigma = W * (Gu @ xp.swapaxes(Rsum, -1, -2) - asum[..., None] * sizes)
     s = dt.type(scale)
     add_per_block(xp, dq, s * (dsigma @ kbar) / sizes[:, None], b)
     add_per_block(xp, dk, s * (xp.swapaxes(dsigma, -1, -2) @ qbar) / sizes[:, None], b)
     add_per_block(xp, dvv, Wt @ Gu, b)
     Xsum = block_sums(xp, X, b)
-    dgamma = -(dy * X).sum(axis=(1, 2)) + gdx.sum(axis=-1) + (Gu * (W @ Xsum)).sum(axis=(1, 2))
+    dgamma = -batch_sum(xp, dy * X) + gdx.sum(axis=-1) + batch_sum(xp, Gu * (W @ Xsum))
     return dq, dk, dvv, dgamma
 
 
@@ -279,7 +293,7 @@ def _backward_batched(xp, q, k, v, gamma, b, scale, dy, X, *, stream=None, nt=No
     dkb += (s * (xp.swapaxes(dsigma, -1, -2) @ qbar) / sizes[:, None])[:, :, None, :]
     dvb = xp.swapaxes(D, -1, -2) @ G + (Wt @ Gu)[:, :, None, :]
     AX = D @ Xb + u[..., None] * (W @ Xb.sum(axis=2))[:, :, None, :]
-    dgamma = -(dy * X).sum(axis=(1, 2)) + (G * AX).sum(axis=(1, 2, 3))
+    dgamma = -batch_sum(xp, dy * X) + batch_sum(xp, G * AX)
 
     def unpad(x):
         return xp.ascontiguousarray(x.reshape(B, m * b, x.shape[-1])[:, :n])

@@ -663,6 +663,162 @@ def _combine_kernel(b, dv, NT, dtype):
 
 
 # --------------------------------------------------------------------------------------------------
+# backward: the gradients of a block, from shared tiles
+
+
+@functools.cache
+def _tile_apply(BP, BPR, CK, NT, dtype, transpose, with_dot):
+    """Device function: ``out[p, t0 + x, a0 + c] = sum_y S'[x, y] Ts[y, c]`` for ``x < T``,
+    ``a0 + c < C``, with ``S'`` = ``S`` or ``S^T`` (``S`` zero above its diagonal and past the
+    block, ``Ts`` a shared ``(BP, CK)`` tile zero past the block).  A thread keeps columns
+    ``cg, cg + CK / 2`` of every ``R``-th row, unrolled over ``y`` on unsigned indices: two tile
+    reads and ``RPT`` reads of ``S`` feed ``2 RPT`` multiply-adds.  With ``with_dot`` it returns its
+    share of ``sum out * Dw`` (``Dw`` a shared tile like ``Ts``)."""
+    NCG = CK // 2
+    R = max(1, NT // NCG)
+    RPT = K._cdiv(BP, R)
+    assert R * RPT <= BPR
+    env = {"ZERO": np.dtype(dtype).type(0), "UNCG": np.uint64(NCG), "USLOTS": np.uint64(NCG * R),
+           "UNT": np.uint64(NT)}
+    I8 = " " * 8
+    L = ["def apply(S, Ts, out, p, t0, T, a0, C, Dw):", "    part = ZERO", "    Tu = uint64(T)",
+         "    pu = uint64(p)", "    tu = uint64(t0)", "    Cu = uint64(C)", "    slot = uint64(cuda.threadIdx.x)",
+         "    while slot < USLOTS:  # one pass unless NT < CK / 2", I8 + "cg = slot % UNCG",
+         I8 + "r0 = slot // UNCG", I8 + "c1 = cg + UNCG", I8 + "slot += UNT"]
+    L += [I8 + f"x{r} = r0 + U{R * r}" for r in range(RPT)]
+    L += [I8 + f"a{r}_{c} = ZERO" for r in range(RPT) for c in range(2)]
+    for y in range(BP):
+        L += [I8 + f"s0 = Ts[U{y}, cg]", I8 + f"s1 = Ts[U{y}, c1]"]
+        for r in range(RPT):
+            w = f"S[U{y}, x{r}]" if transpose else f"S[x{r}, U{y}]"
+            L += [I8 + f"w = {w}", I8 + f"a{r}_0 += w * s0", I8 + f"a{r}_1 += w * s1"]
+    L += [I8 + "ca = uint64(a0) + cg", I8 + "cb = uint64(a0) + c1"]
+    for r in range(RPT):
+        L += [I8 + f"if x{r} < Tu:"]
+        for c, col, cl in ((0, "ca", "cg"), (1, "cb", "c1")):
+            L += [I8 + f"    if {col} < Cu:", I8 + f"        out[pu, tu + x{r}, {col}] = a{r}_{c}"]
+            if with_dot:
+                L += [I8 + f"        part += a{r}_{c} * Dw[x{r}, {cl}]"]
+    L += ["    return part"]
+    return K.generated("apply", L, env, nconst=max(BP, R * RPT))
+
+
+@functools.cache
+def _grads_kernel(b, d, dv, NT, dtype):
+    """The gradients within each block (float32, ``b <= MAX_BLOCK``), one thread block per (batch
+    entry, block); as :func:`._kernels._backward_grads_kernel` (same arguments and outputs), with
+    every product read from shared tiles loaded whole (all loads in flight), where the old kernel
+    read global memory inside rolled loops (a load's latency per step)."""
+    BP = K._cdiv(b, 4) * 4
+    CK = min(64, 2048 // BP, 2 * K._cdiv(max(d, dv), 2))  # tile columns (even): with S, fits 48 KB
+    NCG = CK // 2
+    R = max(1, NT // NCG)
+    BPR = max(BP, R * K._cdiv(BP, R))
+    BPR1 = BPR + 1
+    CK1 = CK + 1
+    KC1 = KCF + 1
+    nbt = K._numba_type(dtype)
+    ZERO = np.dtype(dtype).type(0)
+    prod_dS = K._tri_prod(BP, dv, NT, dtype, True, KCF)
+    apply_lo = _tile_apply(BP, BPR, CK, NT, dtype, False, False)
+    apply_tr = _tile_apply(BP, BPR, CK, NT, dtype, True, False)
+    apply_dot = _tile_apply(BP, BPR, CK, NT, dtype, True, True)
+    load = _tile_load(BP, CK, NT, dtype)
+    colsum = _colsum(dtype)
+    rsum = _block_reduce(NT, dtype, False)
+
+    @cuda.jit
+    def kernel(q, k, v, X, gamma, scale, Dst, u, G, hp, WtZ, dq, dk, dvv, Gu, asum, Rsum, gdx):
+        n = q.shape[1]
+        m = Dst.shape[1]
+        blk = cuda.blockIdx.x
+        p = blk // m
+        I = blk - p * m
+        tid = cuda.threadIdx.x
+        S = cuda.shared.array((BPR, BPR1), nbt)  # D, then dS: zero above the diagonal and past T
+        qs = cuda.shared.array((BP, KC1), nbt)
+        ks = cuda.shared.array((BP, KC1), nbt)
+        A = cuda.shared.array((BP, CK1), nbt)  # a column tile of G, then of k
+        Bt = cuda.shared.array((BP, CK1), nbt)  # the same tile of X, then of q
+        us = cuda.shared.array(BP, nbt)
+        hs = cuda.shared.array(BP, nbt)
+        delta = cuda.shared.array(BP, nbt)
+        red = cuda.shared.array(NT, nbt)
+        if p >= q.shape[0]:
+            return
+        t0 = I * b
+        T = min(n - t0, b)
+        gam = gamma[p]
+        for e in range(tid, BPR * BPR, NT):
+            i = e // BPR
+            j = e - i * BPR
+            val = ZERO
+            if j <= i and i < T:
+                val = Dst[p, I, i, j]
+            S[i, j] = val
+        for i in range(tid, BP, NT):
+            uu = ZERO
+            hh = ZERO
+            if i < T:
+                uu = u[p, t0 + i]
+                hh = hp[p, t0 + i]
+            us[i] = uu
+            hs[i] = hh
+            delta[i] = ZERO
+        cuda.syncthreads()
+        part = ZERO
+        for a0 in range(0, dv, CK):
+            load(G, p, t0, T, a0, dv, A)
+            load(X, p, t0, T, a0, dv, Bt)
+            cuda.syncthreads()
+            # G = G0 + h' (W^T Z)_I, written back: the dS product reads G from global memory
+            for e in range(tid, T * CK, NT):
+                i = e // CK
+                c = e - i * CK
+                if a0 + c < dv:
+                    val = A[i, c] + hs[i] * WtZ[p, I, a0 + c]
+                    A[i, c] = val
+                    G[p, t0 + i, a0 + c] = val
+            cuda.syncthreads()
+            for i in range(tid, T, NT):  # delta_t = G_t . X_t
+                s = ZERO
+                for c in range(CK):
+                    s += A[i, c] * Bt[i, c]
+                delta[i] += s
+            for c in range(tid, CK, NT):  # the block sums of the pooled part
+                if a0 + c < dv:
+                    gu = ZERO
+                    xs = ZERO
+                    for i in range(T):
+                        gu += us[i] * A[i, c]
+                        xs += Bt[i, c]
+                    Gu[p, I, a0 + c] = gu
+                    Rsum[p, I, a0 + c] = colsum(v, p, t0, T, a0 + c) + gam * xs
+            # dV = D^T G within the block; gdx_I = <D^T G, X>
+            part += apply_dot(S, A, dvv, p, t0, T, a0, dv, Bt)
+            cuda.syncthreads()
+        tot = rsum(red, part)
+        if tid == 0:
+            gdx[p, I] = tot
+            s = ZERO
+            for i in range(T):
+                s += us[i] * delta[i]
+            asum[p, I] = s
+        # dS = scale D * (G R^T - delta), R = V + gamma X, in place of D (zero stays zero)
+        prod_dS(G, v, X, gam, p, t0, T, S, qs, ks, scale, delta)
+        for a0 in range(0, d, CK):
+            load(k, p, t0, T, a0, d, A)
+            load(q, p, t0, T, a0, d, Bt)
+            cuda.syncthreads()
+            apply_lo(S, A, dq, p, t0, T, a0, d, A)  # dq = dS k
+            apply_tr(S, Bt, dk, p, t0, T, a0, d, Bt)  # dk = dS^T q
+            cuda.syncthreads()
+
+    K.LAUNCH_BOUNDS[id(kernel)] = (NT, max(1, 1024 // NT))
+    return kernel
+
+
+# --------------------------------------------------------------------------------------------------
 # host
 
 
@@ -698,6 +854,29 @@ def forward(xp, q, k, v, gamma, b, scale, *, nt=None):
     K._launch(_reduced_kernel(nthr, dt, NB, cw), B * nch * mb, nthr, None, (W, g, rr, Z, sync))
     K._launch(_combine_kernel(b, dv, nblk, dt), B * m, nblk, None, (X, h, W, Z, gamma))
     return X, sync[:3]
+
+
+def backward_grads(q, k, v, X, gamma, b, scale, Dst, u, G, hp, WtZ, dq, dk, dvv, Gu, asum, Rsum, gdx, *, nt=None):
+    """:func:`._kernels.backward_grads` (same arguments, same outputs) by :func:`_grads_kernel`."""
+    B, n, d = q.shape
+    nthr = _threads(nt)
+    kern = _grads_kernel(b, d, v.shape[2], nthr, np.dtype(q.dtype))
+    K._launch(kern, B * K._cdiv(n, b), nthr, None,
+              (q, k, v, X, gamma, q.dtype.type(scale), Dst, u, G, hp, WtZ, dq, dk, dvv, Gu, asum, Rsum, gdx))
+
+
+def reduced_solve(xp, L, g, R, *, nt=None):
+    """``Z = (I - diag(g) L)^{-1} R`` for C-contiguous float32 ``L`` (B, m, m) strictly lower (its
+    upper part is not read), ``g`` (B, m), ``R`` (B, m, k): :func:`_reduced_kernel` in one launch."""
+    B, m, kc = R.shape
+    nthr = _threads(nt)
+    mb = K._cdiv(m, NB)
+    cw = _reduced_width(mb, nt)
+    nch = K._cdiv(kc, cw)
+    Z = xp.empty((B, m, kc), dtype=R.dtype)
+    sync = xp.zeros(SYNC_HEAD + B * nch * mb, dtype=np.int32)
+    K._launch(_reduced_kernel(nthr, np.dtype(R.dtype), NB, cw), B * nch * mb, nthr, None, (L, g, R, Z, sync))
+    return Z
 
 
 def raise_nonfinite(bad, names=("q", "k", "v")):
