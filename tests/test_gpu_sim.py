@@ -107,8 +107,9 @@ CHILD = textwrap.dedent(
             out[f"fused_nonfinite_{name}"] = 0.0
         except ValueError as exc:
             out[f"fused_nonfinite_{name}"] = float(str(exc).startswith(name + " must"))
-    # the float32 backward (its reduced system on the same single-launch solver, transposed)
-    for B, n, d, dv, b, nt in ((2, 37, 3, 10, 3, 8), (1, 30, 5, 4, 4, 16)):
+    # the float32 backward (its reduced system on the same single-launch solver, transposed; b = 19:
+    # two panels of the reversed within-block solve, the second partial)
+    for B, n, d, dv, b, nt in ((2, 37, 3, 10, 3, 8), (1, 30, 5, 4, 4, 16), (1, 45, 3, 4, 19, 32)):
         q, k, v, dy, gam = inputs(B, n, d, dv)
         f32 = [x.astype(np.float32) for x in (q, k, v, gam, dy)]
         g32 = GB.backward(np, *f32[:4], b, 0.8, f32[4], nt=nt)

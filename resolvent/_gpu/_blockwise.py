@@ -177,7 +177,8 @@ def backward(xp, q, k, v, gamma, b, scale, dy, y=None, *, stream=None, nt=None):
     hp = xp.empty((B, n), dtype=dt)
     rr = xp.empty((B, m, dvdim), dtype=dt)
     gd = xp.empty((B, m), dtype=dt)
-    K.backward_solve(q, k, gamma, b, scale, c, pooled, dX, Dst, u, G, hp, rr, gd, stream=stream, nt=nt)
+    bsolve = _fused.backward_solve if _fused.supported(dt, b) else K.backward_solve
+    bsolve(q, k, gamma, b, scale, c, pooled, dX, Dst, u, G, hp, rr, gd, nt=nt)
     Wt = xp.swapaxes(W, -1, -2)
     Z = solve_unit_upper(xp, Wt, gd, rr, stream=stream, nt=nt)
     dq = xp.empty_like(q)

@@ -667,6 +667,138 @@ def _combine_kernel(b, dv, NT, dtype):
 
 
 @functools.cache
+def _panel_subst_t(SB, dtype):
+    """Device function: :func:`_panel_subst` for the backward's transposed solve, on the block's
+    rows reversed (``S`` holding ``D`` reflected about its anti-diagonal, so that ``(I - gamma D)^T``
+    is lower triangular again): ``x_r = (ws[r] + sum_{j < r} S[r, j] w_j) / (1 - gamma D_rr)``,
+    ``w_r = gamma x_r``.  Stores ``x_r`` to row ``t0 + T - 1 - (k0 + r)`` of ``G`` (or ``hp`` for the
+    h column) and returns the column's ``sum u_r x_r`` over the panel."""
+    ZERO = np.dtype(dtype).type(0)
+    L = ["def subst(S, ws, minv, us, k0, T, col, gam, isv, ish, G, hp, p, t0, a0):",
+         "    ku = uint64(k0)", "    cu = uint64(col)", "    pu = uint64(p)", "    c = uint64(a0 + col)",
+         "    tb = uint64(t0 + T - 1 - k0)"]
+    for r in range(SB):
+        terms = "".join(f" + S[ku + U{r}, ku + U{j}] * w{j}" for j in range(r))
+        L += [f"    x{r} = (ws[ku + U{r}, cu]{terms}) * minv[ku + U{r}]", f"    w{r} = gam * x{r}"]
+
+    def stores(ind, r):
+        return [f"{ind}ws[ku + U{r}, cu] = w{r}", f"{ind}cs += us[ku + U{r}] * x{r}", f"{ind}if isv:",
+                f"{ind}    G[pu, tb - U{r}, c] = x{r}", f"{ind}elif ish:", f"{ind}    hp[pu, tb - U{r}] = x{r}"]
+
+    L += ["    cs = ZERO", f"    if k0 + {SB} <= T:  # a whole panel: no row tests"]
+    for r in range(SB):
+        L += stores("        ", r)
+    L += ["    else:"]
+    for r in range(SB):
+        L += [f"        if k0 + {r} < T:"] + stores("            ", r)
+    L += ["    return cs"]
+    return K.generated("subst", L, {"ZERO": ZERO}, nconst=SB)
+
+
+@functools.cache
+def _bsolve_kernel(b, d, dv, NT, dtype):
+    """The backward's within-block solve (float32, ``b <= MAX_BLOCK``), one thread block per (batch
+    entry, block); as :func:`._kernels._backward_solve_kernel` (same arguments and outputs):
+    ``[G0 | h'] = (I - gamma D)^{-T} [dX | gamma 1]`` with ``D`` recomputed (and stored to ``Dst``,
+    ``u``), and the block sums ``rr = sum_t u_t G0_t``, ``gd = sum_t u_t h'_t``.  The solve is the
+    forward's panel substitution on the rows reversed, where the old kernel had a barrier per row."""
+    BP = K._cdiv(b, 4) * 4
+    BPS = K._cdiv(BP, PANEL) * PANEL
+    BPS1 = BPS + 1
+    KC1 = min(KCF, d) + 1
+    nbt = K._numba_type(dtype)
+    ZERO = np.dtype(dtype).type(0)
+    tri_prod = K._tri_prod(BP, d, NT, dtype, False, KCF)
+    row_stats = K._row_stats(NT, dtype)
+    DV1 = _widths(NT)[0]
+    DV2 = DV1 + 2
+    NCOL = DV1 + 1
+    SB = PANEL
+    subst = _panel_subst_t(SB, dtype)
+    update = _panel_update(SB, dtype, False)
+    load = _tile_load(BP, DV1, NT, dtype)
+
+    @cuda.jit
+    def kernel(q, k, gamma, scale, c, pooled, dX, Dst, u, G0, hp, rr, gd):
+        n = q.shape[1]
+        m = Dst.shape[1]
+        blk = cuda.blockIdx.x
+        p = blk // m
+        I = blk - p * m
+        tid = cuda.threadIdx.x
+        S = cuda.shared.array((BPS, BPS1), nbt)
+        qs = cuda.shared.array((BP, KC1), nbt)
+        ks = cuda.shared.array((BP, KC1), nbt)
+        ws = cuda.shared.array((BPS, DV2), nbt)
+        us = cuda.shared.array(BPS, nbt)
+        minv = cuda.shared.array(BPS, nbt)
+        if p >= q.shape[0]:
+            return
+        t0 = I * b
+        T = min(n - t0, b)
+        gam = gamma[p]
+        tri_prod(q, k, k, ZERO, p, t0, T, S, qs, ks, scale, us)
+        row_stats(S, T, I > 0, c[p, I], pooled[p, I], gam, us, minv)
+        for e in range(tid, T * T, NT):
+            i = e // T
+            j = e - i * T
+            Dst[p, I, i, j] = S[i, j] if j <= i else ZERO
+        for e in range(tid, T, NT):
+            u[p, t0 + e] = us[e]
+        cuda.syncthreads()
+        # reverse the block: D reflected about its anti-diagonal, us and minv reversed
+        for e in range(tid, T * T, NT):
+            i = e // T
+            j = e - i * T
+            if j <= i and i + j < T - 1:
+                x = S[i, j]
+                S[i, j] = S[T - 1 - j, T - 1 - i]
+                S[T - 1 - j, T - 1 - i] = x
+        for i in range(tid, T // 2, NT):
+            x = us[i]
+            us[i] = us[T - 1 - i]
+            us[T - 1 - i] = x
+            x = minv[i]
+            minv[i] = minv[T - 1 - i]
+            minv[T - 1 - i] = x
+        cuda.syncthreads()
+        for a0 in range(0, dv, DV1):
+            cw = min(DV1, dv - a0)
+            load(dX, p, t0, T, a0, dv, ws)
+            cuda.syncthreads()
+            for e in range(tid, (T // 2) * NCOL, NT):  # rows reversed; the h column is gamma
+                i = e // NCOL
+                cc = e - i * NCOL
+                if cc < DV1:
+                    x = ws[i, cc]
+                    ws[i, cc] = ws[T - 1 - i, cc]
+                    ws[T - 1 - i, cc] = x
+            for i in range(tid, BPS, NT):
+                ws[i, DV1] = gam if (i < T and a0 == 0) else ZERO
+            cuda.syncthreads()
+            col = tid
+            isv = col < cw
+            ish = col == DV1 and a0 == 0
+            cs = ZERO
+            for k0 in range(0, T, SB):
+                k1 = min(k0 + SB, T)
+                if isv or ish:
+                    cs += subst(S, ws, minv, us, k0, T, col, gam, isv, ish, G0, hp, p, t0, a0)
+                cuda.syncthreads()
+                for e in range(tid, (T - k1) * NCOL, NT):
+                    i = k1 + e // NCOL
+                    update(S, ws, us, i, e - (i - k1) * NCOL, k0)
+                cuda.syncthreads()
+            if isv:
+                rr[p, I, a0 + col] = cs
+            elif ish:
+                gd[p, I] = cs
+
+    K.LAUNCH_BOUNDS[id(kernel)] = (NT, max(1, 1024 // NT))
+    return kernel
+
+
+@functools.cache
 def _tile_apply(BP, BPR, CK, NT, dtype, transpose, with_dot):
     """Device function: ``out[p, t0 + x, a0 + c] = sum_y S'[x, y] Ts[y, c]`` for ``x < T``,
     ``a0 + c < C``, with ``S'`` = ``S`` or ``S^T`` (``S`` zero above its diagonal and past the
@@ -854,6 +986,15 @@ def forward(xp, q, k, v, gamma, b, scale, *, nt=None):
     K._launch(_reduced_kernel(nthr, dt, NB, cw), B * nch * mb, nthr, None, (W, g, rr, Z, sync))
     K._launch(_combine_kernel(b, dv, nblk, dt), B * m, nblk, None, (X, h, W, Z, gamma))
     return X, sync[:3]
+
+
+def backward_solve(q, k, gamma, b, scale, c, pooled, dX, Dst, u, G0, hp, rr, gd, *, nt=None):
+    """:func:`._kernels.backward_solve` (same arguments, same outputs) by :func:`_bsolve_kernel`."""
+    B, n, d = q.shape
+    nthr = _block_threads(b, nt)
+    kern = _bsolve_kernel(b, d, dX.shape[2], nthr, np.dtype(q.dtype))
+    K._launch(kern, B * K._cdiv(n, b), nthr, None,
+              (q, k, gamma, q.dtype.type(scale), c, pooled, dX, Dst, u, G0, hp, rr, gd))
 
 
 def backward_grads(q, k, v, X, gamma, b, scale, Dst, u, G, hp, WtZ, dq, dk, dvv, Gu, asum, Rsum, gdx, *, nt=None):
