@@ -152,7 +152,7 @@ def chain_attention_vjp(q, k, v, gamma, dy, *, method="blockwise", block_size=No
         _topk_unsupported(topk)
     shapes = [tuple(np.shape(x)) for x in (q, k, v)]
     gamma_shape = np.shape(gamma)
-    qf, kf, vf, batch, dt, out_dt = _prepare_qkv(q, k, v)
+    qf, kf, vf, batch, dt, out_dt = _prepare_qkv(q, k, v, finite=False)
     B, n, d = qf.shape
     dvdim = vf.shape[-1]
     scale = _check_scale(scale, d)
@@ -160,7 +160,7 @@ def chain_attention_vjp(q, k, v, gamma, dy, *, method="blockwise", block_size=No
     dyf = _as_float(dy, "dy", 2)
     if dyf.shape != batch + (n, dvdim):
         raise ValueError(f"dy must have the output's shape {batch + (n, dvdim)}, got {dyf.shape}")
-    _all_finite(("dy", dyf))
+    _all_finite(("q", qf), ("k", kf), ("v", vf), ("dy", dyf))  # one synchronisation for all four
     dyf = cp.ascontiguousarray(dyf.reshape(B, n, dvdim), dtype=dt)
     yf = None
     if y is not None:

@@ -16,12 +16,14 @@ a batched path: the same factors formed with ``xp`` matmuls, block solves by the
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from . import _fused
 from . import _kernels as K
 
-__all__ = ["forward", "backward", "pooled_scores", "solve_unit_lower", "lower_solve", "block_sums", "batch_sum"]
+__all__ = ["forward", "backward", "pooled_scores", "solve_unit_lower", "lower_solve", "block_sums", "batch_sum", "batch_dot"]
 
 
 def _cdiv(a, b):
@@ -51,9 +53,43 @@ def batch_sum(xp, x):
     return x.reshape(B, parts, N // parts).sum(axis=-1).sum(axis=-1)
 
 
+def batch_dot(xp, x, y):
+    """``sum(x * y)`` over all axes but the first: one fused pass on a device (a CuPy reduction
+    kernel over many segments, as :func:`batch_sum`)."""
+    if xp.__name__ != "cupy":
+        return batch_sum(xp, x * y)
+    B = x.shape[0]
+    N = x.size // max(B, 1)
+    parts = 1
+    while parts * B < 1024 and N % (2 * parts) == 0 and N // (2 * parts) >= 1024:
+        parts *= 2
+    shape = (B, parts, N // parts)
+    return _dot_kernel()(x.reshape(shape), y.reshape(shape), axis=-1).sum(axis=-1)
+
+
+@functools.cache
+def _dot_kernel():
+    import cupy
+
+    return cupy.ReductionKernel("T x, T y", "T z", "x * y", "a + b", "z = a", "0", "resolvent_dot")
+
+
+@functools.cache
+def _add_block_kernel():
+    import cupy
+
+    return cupy.ElementwiseKernel(
+        "raw T c, int64 n, int64 C, int64 m, int64 b", "T x",
+        "x += c[(i / (n * C)) * m * C + ((i / C) % n) / b * C + i % C]", "resolvent_add_per_block")
+
+
 def add_per_block(xp, x, per_block, b):
-    """In place: ``x[:, t] += per_block[:, t // b]``."""
+    """In place: ``x[:, t] += per_block[:, t // b]`` (on a device, one elementwise kernel)."""
     B, n, c = x.shape
+    if xp.__name__ == "cupy" and x.flags.c_contiguous:
+        m = per_block.shape[1]
+        _add_block_kernel()(xp.ascontiguousarray(per_block), n, c, m, b, x)
+        return
     full = n // b
     if full:
         x[:, : full * b].reshape(B, full, b, c)[...] += per_block[:, :full, None, :]
@@ -157,28 +193,33 @@ def forward(xp, q, k, v, gamma, b, scale, *, stream=None, nt=None):
 
 
 def backward(xp, q, k, v, gamma, b, scale, dy, y=None, *, stream=None, nt=None):
-    """``(dq, dk, dv, dgamma)`` of :func:`forward`; ``y`` (its output) saves recomputing it."""
+    """``(dq, dk, dv, dgamma)`` of :func:`forward`; ``y`` (its output) saves recomputing it.
+
+    float32 with ``b <= MAX_BLOCK`` reads ``y`` and ``dy`` in its kernels (``X = y / (1 - gamma)``
+    and ``dX = (1 - gamma) dy`` are never formed); other cases the kernels of :mod:`._kernels`."""
     if y is None:
         y = forward(xp, q, k, v, gamma, b, scale, stream=stream, nt=nt)
     B, n, d = q.shape
     dvdim = v.shape[-1]
     dt = q.dtype
     g1 = gamma.reshape(B, 1, 1)
-    X = y / (1 - g1)
+    fused = _fused.supported(dt, b)
     if b > K.MAX_BLOCK:
-        return _backward_batched(xp, q, k, v, gamma, b, scale, dy, X, stream=stream, nt=nt)
+        return _backward_batched(xp, q, k, v, gamma, b, scale, dy, y / (1 - g1), stream=stream, nt=nt)
     m = _cdiv(n, b)
     c, W, sizes, qbar, kbar = pooled_scores(xp, q, k, b, scale)
     pooled = W @ sizes
-    dX = (1 - g1) * dy
     Dst = xp.empty((B, m, b, b), dtype=dt)
     u = xp.empty((B, n), dtype=dt)
     G = xp.empty((B, n, dvdim), dtype=dt)
     hp = xp.empty((B, n), dtype=dt)
     rr = xp.empty((B, m, dvdim), dtype=dt)
     gd = xp.empty((B, m), dtype=dt)
-    bsolve = _fused.backward_solve if _fused.supported(dt, b) else K.backward_solve
-    bsolve(q, k, gamma, b, scale, c, pooled, dX, Dst, u, G, hp, rr, gd, nt=nt)
+    if fused:
+        _fused.backward_solve(q, k, gamma, b, scale, c, pooled, dy, Dst, u, G, hp, rr, gd, nt=nt)
+    else:
+        X = y / (1 - g1)
+        K.backward_solve(q, k, gamma, b, scale, c, pooled, (1 - g1) * dy, Dst, u, G, hp, rr, gd, nt=nt)
     Wt = xp.swapaxes(W, -1, -2)
     Z = solve_unit_upper(xp, Wt, gd, rr, stream=stream, nt=nt)
     dq = xp.empty_like(q)
@@ -188,15 +229,22 @@ def backward(xp, q, k, v, gamma, b, scale, dy, y=None, *, stream=None, nt=None):
     asum = xp.empty((B, m), dtype=dt)
     Rsum = xp.empty((B, m, dvdim), dtype=dt)
     gdx = xp.empty((B, m), dtype=dt)
-    grads = _fused.backward_grads if _fused.supported(dt, b) else K.backward_grads
-    grads(q, k, v, X, gamma, b, scale, Dst, u, G, hp, Wt @ Z, dq, dk, dvv, Gu, asum, Rsum, gdx, nt=nt)
+    if fused:
+        Xsum = xp.empty((B, m, dvdim), dtype=dt)
+        _fused.backward_grads(q, k, v, y, gamma, b, scale, Dst, u, G, hp, Wt @ Z, dq, dk, dvv, Gu, asum,
+                              Rsum, gdx, Xsum, nt=nt)
+        ydy = batch_dot(xp, dy, y) / (1 - gamma)
+    else:
+        K.backward_grads(q, k, v, X, gamma, b, scale, Dst, u, G, hp, Wt @ Z, dq, dk, dvv, Gu, asum, Rsum,
+                         gdx, nt=nt)
+        Xsum = block_sums(xp, X, b)
+        ydy = batch_dot(xp, dy, X)
     dsigma = W * (Gu @ xp.swapaxes(Rsum, -1, -2) - asum[..., None] * sizes)
     s = dt.type(scale)
     add_per_block(xp, dq, s * (dsigma @ kbar) / sizes[:, None], b)
     add_per_block(xp, dk, s * (xp.swapaxes(dsigma, -1, -2) @ qbar) / sizes[:, None], b)
     add_per_block(xp, dvv, Wt @ Gu, b)
-    Xsum = block_sums(xp, X, b)
-    dgamma = -batch_sum(xp, dy * X) + gdx.sum(axis=-1) + batch_sum(xp, Gu * (W @ Xsum))
+    dgamma = -ydy + gdx.sum(axis=-1) + batch_sum(xp, Gu * (W @ Xsum))
     return dq, dk, dvv, dgamma
 
 

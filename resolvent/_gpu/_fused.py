@@ -699,7 +699,8 @@ def _panel_subst_t(SB, dtype):
 def _bsolve_kernel(b, d, dv, NT, dtype):
     """The backward's within-block solve (float32, ``b <= MAX_BLOCK``), one thread block per (batch
     entry, block); as :func:`._kernels._backward_solve_kernel` (same arguments and outputs):
-    ``[G0 | h'] = (I - gamma D)^{-T} [dX | gamma 1]`` with ``D`` recomputed (and stored to ``Dst``,
+    ``[G0 | h'] = (I - gamma D)^{-T} [dX | gamma 1]``, ``dX = (1 - gamma) dy`` (it takes ``dy``), with
+    ``D`` recomputed (and stored to ``Dst``,
     ``u``), and the block sums ``rr = sum_t u_t G0_t``, ``gd = sum_t u_t h'_t``.  The solve is the
     forward's panel substitution on the rows reversed, where the old kernel had a barrier per row."""
     BP = K._cdiv(b, 4) * 4
@@ -708,6 +709,7 @@ def _bsolve_kernel(b, d, dv, NT, dtype):
     KC1 = min(KCF, d) + 1
     nbt = K._numba_type(dtype)
     ZERO = np.dtype(dtype).type(0)
+    ONE = np.dtype(dtype).type(1)
     tri_prod = K._tri_prod(BP, d, NT, dtype, False, KCF)
     row_stats = K._row_stats(NT, dtype)
     DV1 = _widths(NT)[0]
@@ -719,7 +721,7 @@ def _bsolve_kernel(b, d, dv, NT, dtype):
     load = _tile_load(BP, DV1, NT, dtype)
 
     @cuda.jit
-    def kernel(q, k, gamma, scale, c, pooled, dX, Dst, u, G0, hp, rr, gd):
+    def kernel(q, k, gamma, scale, c, pooled, dy, Dst, u, G0, hp, rr, gd):
         n = q.shape[1]
         m = Dst.shape[1]
         blk = cuda.blockIdx.x
@@ -737,6 +739,7 @@ def _bsolve_kernel(b, d, dv, NT, dtype):
         t0 = I * b
         T = min(n - t0, b)
         gam = gamma[p]
+        om = ONE - gam
         tri_prod(q, k, k, ZERO, p, t0, T, S, qs, ks, scale, us)
         row_stats(S, T, I > 0, c[p, I], pooled[p, I], gam, us, minv)
         for e in range(tid, T * T, NT):
@@ -764,7 +767,12 @@ def _bsolve_kernel(b, d, dv, NT, dtype):
         cuda.syncthreads()
         for a0 in range(0, dv, DV1):
             cw = min(DV1, dv - a0)
-            load(dX, p, t0, T, a0, dv, ws)
+            load(dy, p, t0, T, a0, dv, ws)
+            cuda.syncthreads()
+            for e in range(tid, T * DV1, NT):  # dX = (1 - gamma) dy
+                i = e // DV1
+                cc = e - i * DV1
+                ws[i, cc] *= om
             cuda.syncthreads()
             for e in range(tid, (T // 2) * NCOL, NT):  # rows reversed; the h column is gamma
                 i = e // NCOL
@@ -838,11 +846,14 @@ def _tile_apply(BP, BPR, CK, NT, dtype, transpose, with_dot):
 @functools.cache
 def _grads_kernel(b, d, dv, NT, dtype):
     """The gradients within each block (float32, ``b <= MAX_BLOCK``), one thread block per (batch
-    entry, block); as :func:`._kernels._backward_grads_kernel` (same arguments and outputs), with
+    entry, block); as :func:`._kernels._backward_grads_kernel`, but on ``y`` (not ``X = y / (1 -
+    gamma)``) and with one more output, the block sums ``Xsum`` of ``X``; with
     every product read from shared tiles loaded whole (all loads in flight), where the old kernel
     read global memory inside rolled loops (a load's latency per step)."""
     BP = K._cdiv(b, 4) * 4
-    CK = min(64, 2048 // BP, 2 * K._cdiv(max(d, dv), 2))  # tile columns (even): with S, fits 48 KB
+    # tile columns: a power of two (the tile loads unroll when it divides the threads) with two
+    # (BP, CK) tiles and the score tile inside 48 KB; fewer for narrow q, k, v (even: two per thread)
+    CK = min(1 << (min(64, 2048 // BP).bit_length() - 1), 2 * K._cdiv(max(d, dv), 2))
     NCG = CK // 2
     R = max(1, NT // NCG)
     BPR = max(BP, R * K._cdiv(BP, R))
@@ -851,6 +862,7 @@ def _grads_kernel(b, d, dv, NT, dtype):
     KC1 = KCF + 1
     nbt = K._numba_type(dtype)
     ZERO = np.dtype(dtype).type(0)
+    ONE = np.dtype(dtype).type(1)
     prod_dS = K._tri_prod(BP, dv, NT, dtype, True, KCF)
     apply_lo = _tile_apply(BP, BPR, CK, NT, dtype, False, False)
     apply_tr = _tile_apply(BP, BPR, CK, NT, dtype, True, False)
@@ -860,7 +872,7 @@ def _grads_kernel(b, d, dv, NT, dtype):
     rsum = _block_reduce(NT, dtype, False)
 
     @cuda.jit
-    def kernel(q, k, v, X, gamma, scale, Dst, u, G, hp, WtZ, dq, dk, dvv, Gu, asum, Rsum, gdx):
+    def kernel(q, k, v, y, gamma, scale, Dst, u, G, hp, WtZ, dq, dk, dvv, Gu, asum, Rsum, gdx, Xsum):
         n = q.shape[1]
         m = Dst.shape[1]
         blk = cuda.blockIdx.x
@@ -881,6 +893,7 @@ def _grads_kernel(b, d, dv, NT, dtype):
         t0 = I * b
         T = min(n - t0, b)
         gam = gamma[p]
+        xinv = ONE / (ONE - gam)  # X = y / (1 - gamma): the tiles hold y, the products are scaled
         for e in range(tid, BPR * BPR, NT):
             i = e // BPR
             j = e - i * BPR
@@ -901,7 +914,7 @@ def _grads_kernel(b, d, dv, NT, dtype):
         part = ZERO
         for a0 in range(0, dv, CK):
             load(G, p, t0, T, a0, dv, A)
-            load(X, p, t0, T, a0, dv, Bt)
+            load(y, p, t0, T, a0, dv, Bt)
             cuda.syncthreads()
             # G = G0 + h' (W^T Z)_I, written back: the dS product reads G from global memory
             for e in range(tid, T * CK, NT):
@@ -916,7 +929,7 @@ def _grads_kernel(b, d, dv, NT, dtype):
                 s = ZERO
                 for c in range(CK):
                     s += A[i, c] * Bt[i, c]
-                delta[i] += s
+                delta[i] += xinv * s
             for c in range(tid, CK, NT):  # the block sums of the pooled part
                 if a0 + c < dv:
                     gu = ZERO
@@ -925,19 +938,20 @@ def _grads_kernel(b, d, dv, NT, dtype):
                         gu += us[i] * A[i, c]
                         xs += Bt[i, c]
                     Gu[p, I, a0 + c] = gu
-                    Rsum[p, I, a0 + c] = colsum(v, p, t0, T, a0 + c) + gam * xs
+                    Xsum[p, I, a0 + c] = xinv * xs
+                    Rsum[p, I, a0 + c] = colsum(v, p, t0, T, a0 + c) + gam * xinv * xs
             # dV = D^T G within the block; gdx_I = <D^T G, X>
             part += apply_dot(S, A, dvv, p, t0, T, a0, dv, Bt)
             cuda.syncthreads()
         tot = rsum(red, part)
         if tid == 0:
-            gdx[p, I] = tot
+            gdx[p, I] = xinv * tot
             s = ZERO
             for i in range(T):
                 s += us[i] * delta[i]
             asum[p, I] = s
         # dS = scale D * (G R^T - delta), R = V + gamma X, in place of D (zero stays zero)
-        prod_dS(G, v, X, gam, p, t0, T, S, qs, ks, scale, delta)
+        prod_dS(G, v, y, gam * xinv, p, t0, T, S, qs, ks, scale, delta)
         for a0 in range(0, d, CK):
             load(k, p, t0, T, a0, d, A)
             load(q, p, t0, T, a0, d, Bt)
@@ -988,22 +1002,25 @@ def forward(xp, q, k, v, gamma, b, scale, *, nt=None):
     return X, sync[:3]
 
 
-def backward_solve(q, k, gamma, b, scale, c, pooled, dX, Dst, u, G0, hp, rr, gd, *, nt=None):
-    """:func:`._kernels.backward_solve` (same arguments, same outputs) by :func:`_bsolve_kernel`."""
+def backward_solve(q, k, gamma, b, scale, c, pooled, dy, Dst, u, G0, hp, rr, gd, *, nt=None):
+    """:func:`._kernels.backward_solve` by :func:`_bsolve_kernel`, on ``dy`` (it forms ``dX = (1 -
+    gamma) dy`` itself)."""
     B, n, d = q.shape
     nthr = _block_threads(b, nt)
-    kern = _bsolve_kernel(b, d, dX.shape[2], nthr, np.dtype(q.dtype))
+    kern = _bsolve_kernel(b, d, dy.shape[2], nthr, np.dtype(q.dtype))
     K._launch(kern, B * K._cdiv(n, b), nthr, None,
-              (q, k, gamma, q.dtype.type(scale), c, pooled, dX, Dst, u, G0, hp, rr, gd))
+              (q, k, gamma, q.dtype.type(scale), c, pooled, dy, Dst, u, G0, hp, rr, gd))
 
 
-def backward_grads(q, k, v, X, gamma, b, scale, Dst, u, G, hp, WtZ, dq, dk, dvv, Gu, asum, Rsum, gdx, *, nt=None):
-    """:func:`._kernels.backward_grads` (same arguments, same outputs) by :func:`_grads_kernel`."""
+def backward_grads(q, k, v, y, gamma, b, scale, Dst, u, G, hp, WtZ, dq, dk, dvv, Gu, asum, Rsum, gdx, Xsum, *,
+                   nt=None):
+    """:func:`._kernels.backward_grads` by :func:`_grads_kernel`: on the forward's output ``y``, not
+    ``X``, and also the block sums ``Xsum`` (B, m, dv) of ``X``."""
     B, n, d = q.shape
     nthr = _threads(nt)
     kern = _grads_kernel(b, d, v.shape[2], nthr, np.dtype(q.dtype))
     K._launch(kern, B * K._cdiv(n, b), nthr, None,
-              (q, k, v, X, gamma, q.dtype.type(scale), Dst, u, G, hp, WtZ, dq, dk, dvv, Gu, asum, Rsum, gdx))
+              (q, k, v, y, gamma, q.dtype.type(scale), Dst, u, G, hp, WtZ, dq, dk, dvv, Gu, asum, Rsum, gdx, Xsum))
 
 
 def reduced_solve(xp, L, g, R, *, nt=None):
