@@ -207,8 +207,16 @@ def backward(xp, q, k, v, gamma, b, scale, dy, y=None, *, stream=None, nt=None):
     if b > K.MAX_BLOCK:
         return _backward_batched(xp, q, k, v, gamma, b, scale, dy, y / (1 - g1), stream=stream, nt=nt)
     m = _cdiv(n, b)
-    c, W, sizes, qbar, kbar = pooled_scores(xp, q, k, b, scale)
-    pooled = W @ sizes
+    s = dt.type(scale)
+    if fused:
+        c, W, pooled, sqbar, kbarT = _fused.pooled(xp, q, k, v, b, scale, nt=nt)
+        sizes = xp.full(m, b, dtype=dt)
+        sizes[-1] = n - (m - 1) * b
+        skbar = s * xp.swapaxes(kbarT, -1, -2)
+    else:
+        c, W, sizes, qbar, kbar = pooled_scores(xp, q, k, b, scale)
+        pooled = W @ sizes
+        sqbar, skbar = s * qbar, s * kbar
     Dst = xp.empty((B, m, b, b), dtype=dt)
     u = xp.empty((B, n), dtype=dt)
     G = xp.empty((B, n, dvdim), dtype=dt)
@@ -240,9 +248,8 @@ def backward(xp, q, k, v, gamma, b, scale, dy, y=None, *, stream=None, nt=None):
         Xsum = block_sums(xp, X, b)
         ydy = batch_dot(xp, dy, X)
     dsigma = W * (Gu @ xp.swapaxes(Rsum, -1, -2) - asum[..., None] * sizes)
-    s = dt.type(scale)
-    add_per_block(xp, dq, s * (dsigma @ kbar) / sizes[:, None], b)
-    add_per_block(xp, dk, s * (xp.swapaxes(dsigma, -1, -2) @ qbar) / sizes[:, None], b)
+    add_per_block(xp, dq, (dsigma @ skbar) / sizes[:, None], b)
+    add_per_block(xp, dk, (xp.swapaxes(dsigma, -1, -2) @ sqbar) / sizes[:, None], b)
     add_per_block(xp, dvv, Wt @ Gu, b)
     dgamma = -ydy + gdx.sum(axis=-1) + batch_sum(xp, Gu * (W @ Xsum))
     return dq, dk, dvv, dgamma

@@ -359,53 +359,23 @@ def _means_kernel(b, NT, dtype):
 
 
 @functools.cache
-def _rows_kernel(b, d, dv, NT, dtype):
-    BP = K._cdiv(b, 4) * 4
-    BPS = K._cdiv(BP, PANEL) * PANEL  # whole panels of rows for the unrolled substitution
-    BPS1 = BPS + 1  # shared shapes must be literal constants: no arithmetic inside the calls
-    KC1 = min(KCF, d) + 1
-    RED = max(NT, dv)
-    nbt = K._numba_type(dtype)
+def _pooled_row(b, d, NT, dtype):
+    """Device function: row ``I`` of the pooled weights into ``W`` (``W_IJ = exp(sigma_IJ - c_I)``
+    for ``J < I``, flushed below ``eps^2``; zero from ``I`` on), returning ``(c_I, pooled mass)``.
+    ``sigma_IJ = qbar_I . kbar_J`` (qbar scaled, kbar transposed: :func:`_means_kernel`); ``qb``
+    (shared, ``d``) and ``red`` (shared, ``NT``) are scratch."""
     ZERO = np.dtype(dtype).type(0)
     NEG_INF = np.dtype(dtype).type(-np.inf)
     EPS2 = np.dtype(dtype).type(np.finfo(dtype).eps ** 2)
-    tri_prod = K._tri_prod(BP, d, NT, dtype, False, KCF)
-    row_stats = K._row_stats(NT, dtype)
+    BF = np.dtype(dtype).type(b)
+    D8 = d // 8
     rmax = _block_reduce(NT, dtype, True)
     rsum = _block_reduce(NT, dtype, False)
-    row_times = _row_times(dv, NT, dtype)
-    DV1 = _widths(NT)[0]
-    DV2 = DV1 + 2
-    D8 = d // 8
-    NCOL = DV1 + 1  # the value columns of a pass, then the h column
-    SB = PANEL
-    subst = _panel_subst(SB, dtype)
-    update = _panel_update(SB, dtype, False)
-    BF = np.dtype(dtype).type(b)
-    load_v = _tile_load(BP, DV1, NT, dtype)
 
-    @cuda.jit
-    def kernel(q, k, v, gamma, scale, qbar, kbarT, vs, W, X, h, rr, g):
-        n = q.shape[1]
-        m = W.shape[1]
-        blk = cuda.blockIdx.x
-        p = blk // m
-        I = blk - p * m
+    @cuda.jit(device=True)
+    def pooled_row(qbar, kbarT, W, p, I, qb, red):
         tid = cuda.threadIdx.x
-        S = cuda.shared.array((BPS, BPS1), nbt)
-        qs = cuda.shared.array((BP, KC1), nbt)
-        ks = cuda.shared.array((BP, KC1), nbt)
-        ws = cuda.shared.array((BPS, DV2), nbt)  # value columns of the pass, then the h column
-        us = cuda.shared.array(BP, nbt)
-        minv = cuda.shared.array(BPS, nbt)
-        red = cuda.shared.array(RED, nbt)
-        qb = cuda.shared.array(d, nbt)
-        Ps = cuda.shared.array(dv, nbt)
-        if p >= q.shape[0]:
-            return
-        t0 = I * b
-        T = min(n - t0, b)
-        gam = gamma[p]
+        m = W.shape[1]
         # pooled scores of block I against the earlier blocks, their shift and W's row I
         for a in range(tid, d, NT):
             qb[a] = qbar[p, I, a]
@@ -448,6 +418,81 @@ def _rows_kernel(b, d, dv, NT, dtype):
             W[p, I, J] = w
             lsum += w
         pooledI = rsum(red, lsum) * BF  # the earlier blocks are full (BF: b in the compute type)
+        return cI, pooledI
+
+    return pooled_row
+
+
+@functools.cache
+def _pooled_kernel(b, d, NT, dtype):
+    """The pooled weights alone, one thread block per (batch entry, block row): ``W``, ``c``, and
+    the pooled mass, for the backward (the forward's ``rows`` kernel computes them inline)."""
+    nbt = K._numba_type(dtype)
+    pooled_row = _pooled_row(b, d, NT, dtype)
+
+    @cuda.jit
+    def kernel(qbar, kbarT, W, c, pooled):
+        m = W.shape[1]
+        blk = cuda.blockIdx.x
+        p = blk // m
+        I = blk - p * m
+        qb = cuda.shared.array(d, nbt)
+        red = cuda.shared.array(NT, nbt)
+        if p >= W.shape[0]:
+            return
+        cI, pooledI = pooled_row(qbar, kbarT, W, p, I, qb, red)
+        if cuda.threadIdx.x == 0:
+            c[p, I] = cI
+            pooled[p, I] = pooledI
+
+    return kernel
+
+
+@functools.cache
+def _rows_kernel(b, d, dv, NT, dtype):
+    BP = K._cdiv(b, 4) * 4
+    BPS = K._cdiv(BP, PANEL) * PANEL  # whole panels of rows for the unrolled substitution
+    BPS1 = BPS + 1  # shared shapes must be literal constants: no arithmetic inside the calls
+    KC1 = min(KCF, d) + 1
+    RED = max(NT, dv)
+    nbt = K._numba_type(dtype)
+    ZERO = np.dtype(dtype).type(0)
+    tri_prod = K._tri_prod(BP, d, NT, dtype, False, KCF)
+    row_stats = K._row_stats(NT, dtype)
+    row_times = _row_times(dv, NT, dtype)
+    pooled_row = _pooled_row(b, d, NT, dtype)
+    DV1 = _widths(NT)[0]
+    DV2 = DV1 + 2
+    NCOL = DV1 + 1  # the value columns of a pass, then the h column
+    SB = PANEL
+    subst = _panel_subst(SB, dtype)
+    update = _panel_update(SB, dtype, False)
+    load_v = _tile_load(BP, DV1, NT, dtype)
+
+    @cuda.jit
+    def kernel(q, k, v, gamma, scale, qbar, kbarT, vs, W, X, h, rr, g):
+        n = q.shape[1]
+        m = W.shape[1]
+        blk = cuda.blockIdx.x
+        p = blk // m
+        I = blk - p * m
+        tid = cuda.threadIdx.x
+        S = cuda.shared.array((BPS, BPS1), nbt)
+        qs = cuda.shared.array((BP, KC1), nbt)
+        ks = cuda.shared.array((BP, KC1), nbt)
+        ws = cuda.shared.array((BPS, DV2), nbt)  # value columns of the pass, then the h column
+        us = cuda.shared.array(BP, nbt)
+        minv = cuda.shared.array(BPS, nbt)
+        red = cuda.shared.array(RED, nbt)
+        qb = cuda.shared.array(d, nbt)
+        Ps = cuda.shared.array(dv, nbt)
+        if p >= q.shape[0]:
+            return
+        t0 = I * b
+        T = min(n - t0, b)
+        gam = gamma[p]
+        # pooled scores of block I against the earlier blocks, their shift and W's row I
+        cI, pooledI = pooled_row(qbar, kbarT, W, p, I, qb, red)
         row_times(W, vs, p, I, Ps, red)  # P_I = sum_J W_IJ vsum_J
         # the block: causal scores, normalised rows with the pooled mass, D and 1 / (1 - gamma D_tt)
         tri_prod(q, k, k, ZERO, p, t0, T, S, qs, ks, scale, us)
@@ -968,6 +1013,26 @@ def _grads_kernel(b, d, dv, NT, dtype):
 # host
 
 
+def _layout(B, n, d, dv, b, nt, dt):
+    """The forward's buffers ``{name: shape}`` (``sync``: int32, the rest ``dt``) and its launches
+    ``[(kernel, grid, threads, argument names)]``; ``q k v gamma scale`` name the inputs."""
+    m = K._cdiv(n, b)
+    nthr = _threads(nt)
+    mb = K._cdiv(m, NB)
+    cw = _reduced_width(mb, nt)
+    nch = K._cdiv(dv, cw)
+    nblk = _block_threads(b, nt)
+    bufs = {"X": (B, n, dv), "qbar": (B, m, d), "kbarT": (B, d, m), "vs": (B, m, dv), "W": (B, m, m),
+            "h": (B, n), "rr": (B, m, dv), "g": (B, m), "Z": (B, m, dv), "sync": (SYNC_HEAD + B * nch * mb,)}
+    launches = [
+        (_means_kernel(b, nthr, dt), B * m, nthr, "q k v scale qbar kbarT vs sync"),
+        (_rows_kernel(b, d, dv, nblk, dt), B * m, nblk, "q k v gamma scale qbar kbarT vs W X h rr g"),
+        (_reduced_kernel(nthr, dt, NB, cw), B * nch * mb, nthr, "W g rr Z sync"),
+        (_combine_kernel(b, dv, nblk, dt), B * m, nblk, "X h W Z gamma"),
+    ]
+    return bufs, [(kern, grid, nt_, names.split()) for kern, grid, nt_, names in launches]
+
+
 def forward(xp, q, k, v, gamma, b, scale, *, nt=None):
     """Blockwise chain attention (float32): q, k (B, n, d), v (B, n, dv), gamma (B,), ``b <= 64``.
 
@@ -975,31 +1040,130 @@ def forward(xp, q, k, v, gamma, b, scale, *, nt=None):
     non-finite value (the caller checks it once everything is queued).
     """
     B, n, d = q.shape
-    dv = v.shape[-1]
+    dt = q.dtype
+    bufs, launches = _layout(B, n, d, v.shape[-1], b, nt, dt)
+    env = {name: xp.empty(shape, dtype=dt) for name, shape in bufs.items() if name != "sync"}
+    env.update(q=q, k=k, v=v, gamma=gamma, scale=dt.type(scale), sync=xp.zeros(bufs["sync"], dtype=np.int32))
+    for kern, grid, nthr, names in launches:
+        K._launch(kern, grid, nthr, None, tuple(env[nm] for nm in names))
+    return env["X"], env["sync"][:3]
+
+
+class _Plan:
+    """The forward's four launches at one shape, as raw parameter words with the pointers left to
+    fill: a call then allocates two buffers (the output and one workspace), patches the words and
+    launches, instead of building ten arrays and four argument lists in Python (0.1-0.2 ms)."""
+
+    def __init__(self, B, n, d, dv, b, dt):
+        import cupy
+
+        bufs, launches = _layout(B, n, d, dv, b, None, dt)
+        self.out_shape = bufs.pop("X")
+        self.offsets = {}
+        size = 0
+        for name, shape in bufs.items():  # 256-byte aligned views of one workspace
+            self.offsets[name] = size
+            size += -(-(math.prod(shape) * 4) // 256) * 256
+        self.nbytes = size
+        self.sync_bytes = math.prod(bufs["sync"]) * 4
+        ws = cupy.empty(size, dtype=np.uint8)
+        X = cupy.empty(self.out_shape, dtype=dt)
+        env = {name: cupy.ndarray(shape, dtype=np.int32 if name == "sync" else dt,
+                                  memptr=ws.data + self.offsets[name]) for name, shape in bufs.items()}
+        env.update(X=X, q=cupy.empty((B, n, d), dt), k=cupy.empty((B, n, d), dt),
+                   v=cupy.empty((B, n, dv), dt), gamma=cupy.empty(B, dt), scale=dt.type(1))
+        self.launches = []
+        for kern, grid, nthr, names in launches:
+            args = tuple(env[nm] for nm in names)
+            key, words = K._fast_args(args)
+            fn = K._BY_KEY.get((id(kern), key))
+            if fn is None:
+                fn = K._BY_KEY[(id(kern), key)] = K._fast_function(kern, tuple(K._numba_argtype(a) for a in args))
+            slots, sources, pos = [], [], 0
+            for nm, a in zip(names, args):
+                if nm == "scale":
+                    slots.append(pos)
+                    sources.append(nm)
+                    pos += 1
+                else:
+                    slots.append(pos + 4)  # (meminfo, parent, nitems, itemsize, data, shape, strides)
+                    sources.append(nm)
+                    pos += 5 + 2 * a.ndim
+            self.launches.append((fn, (grid, 1, 1), nthr, words, np.array(slots), sources))
+
+    def run(self, q, k, v, gamma, scale):
+        """Queue the forward on CuPy's current stream; returns ``(Y, workspace, sync offset)``."""
+        import cupy
+
+        stream = cupy.cuda.get_current_stream()
+        ws = cupy.empty(self.nbytes, dtype=np.uint8)
+        X = cupy.empty(self.out_shape, dtype=q.dtype)
+        base = ws.data.ptr
+        ptr = {"q": q.data.ptr, "k": k.data.ptr, "v": v.data.ptr, "gamma": gamma.data.ptr, "X": X.data.ptr,
+               "scale": int(np.float32(scale).view(np.uint32))}
+        for name, off in self.offsets.items():
+            ptr[name] = base + off
+        cupy.cuda.runtime.memsetAsync(ptr["sync"], 0, self.sync_bytes, stream.ptr)
+        for fn, grid3, nthr, words, slots, sources in self.launches:
+            w = words.copy()
+            w[slots] = [ptr[nm] for nm in sources]
+            K._launch_raw(fn, grid3, nthr, stream, w)
+        return X, ws, ptr["sync"]
+
+
+_PLANS: dict = {}
+
+
+def _planned(q, k, v, gamma):
+    """The shape part of the plan's key for these arrays, ``(B, n, d, dv)``, or ``None`` where the
+    general path must run (the simulator, a layout other than C-contiguous CuPy arrays)."""
+    if K._simulated() or not all(K._is_cupy(x) and x.flags.c_contiguous for x in (q, k, v, gamma)):
+        return None
+    return q.shape + (v.shape[2],)
+
+
+def forward_checked(xp, q, k, v, gamma, b, scale, *, nt=None):
+    """:func:`forward`, then one synchronisation that raises ``ValueError`` for non-finite input."""
+    key = None if nt is not None else _planned(q, k, v, gamma)
+    if key is None:
+        y, bad = forward(xp, q, k, v, gamma, b, scale, nt=nt)
+        raise_nonfinite(bad.get() if hasattr(bad, "get") else bad)
+        return y
+    import cupy
+
+    key = key + (b, q.dtype.char, cupy.cuda.Device().id)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= 32:
+            _PLANS.clear()
+        plan = _PLANS[key] = _Plan(*key[:5], q.dtype)
+    y, ws, sync_ptr = plan.run(q, k, v, gamma, scale)
+    bad = np.empty(3, dtype=np.int32)
+    stream = cupy.cuda.get_current_stream()
+    cupy.cuda.runtime.memcpyAsync(bad.ctypes.data, sync_ptr, 12, cupy.cuda.runtime.memcpyDeviceToHost, stream.ptr)
+    stream.synchronize()
+    raise_nonfinite(bad)
+    return y
+
+
+def pooled(xp, q, k, v, b, scale, *, nt=None):
+    """The pooled part for the backward, in two launches (means, then the rows of ``W``):
+    ``(c, W, pooled, qbar, kbarT)`` as :func:`._blockwise.pooled_scores` gives ``c``, ``W`` and
+    ``W @ sizes``, with ``qbar`` scaled by ``scale`` and ``kbar`` transposed."""
+    B, n, d = q.shape
     dt = q.dtype
     m = K._cdiv(n, b)
     nthr = _threads(nt)
-    mb = K._cdiv(m, NB)
-    cw = _reduced_width(mb, nt)
-    nch = K._cdiv(dv, cw)
     qbar = xp.empty((B, m, d), dtype=dt)
     kbarT = xp.empty((B, d, m), dtype=dt)
-    vs = xp.empty((B, m, dv), dtype=dt)
+    vs = xp.empty((B, m, v.shape[2]), dtype=dt)
     W = xp.empty((B, m, m), dtype=dt)
-    X = xp.empty((B, n, dv), dtype=dt)
-    h = xp.empty((B, n), dtype=dt)
-    rr = xp.empty((B, m, dv), dtype=dt)
-    g = xp.empty((B, m), dtype=dt)
-    Z = xp.empty((B, m, dv), dtype=dt)
-    sync = xp.zeros(SYNC_HEAD + B * nch * mb, dtype=np.int32)
-    s = dt.type(scale)
-    nblk = _block_threads(b, nt)
-    K._launch(_means_kernel(b, nthr, dt), B * m, nthr, None, (q, k, v, s, qbar, kbarT, vs, sync))
-    K._launch(_rows_kernel(b, d, dv, nblk, dt), B * m, nblk, None,
-              (q, k, v, gamma, s, qbar, kbarT, vs, W, X, h, rr, g))
-    K._launch(_reduced_kernel(nthr, dt, NB, cw), B * nch * mb, nthr, None, (W, g, rr, Z, sync))
-    K._launch(_combine_kernel(b, dv, nblk, dt), B * m, nblk, None, (X, h, W, Z, gamma))
-    return X, sync[:3]
+    c = xp.empty((B, m), dtype=dt)
+    pool = xp.empty((B, m), dtype=dt)
+    flags = xp.zeros(SYNC_HEAD, dtype=np.int32)  # the means kernel's finiteness flags (checked by the caller)
+    K._launch(_means_kernel(b, nthr, dt), B * m, nthr, None, (q, k, v, dt.type(scale), qbar, kbarT, vs, flags))
+    K._launch(_pooled_kernel(b, d, nthr, dt), B * m, nthr, None, (qbar, kbarT, W, c, pool))
+    return c, W, pool, qbar, kbarT
 
 
 def backward_solve(q, k, gamma, b, scale, c, pooled, dy, Dst, u, G0, hp, rr, gd, *, nt=None):
@@ -1047,8 +1211,3 @@ def raise_nonfinite(bad, names=("q", "k", "v")):
             raise nonfinite_error(name)
 
 
-def forward_checked(xp, q, k, v, gamma, b, scale, *, nt=None):
-    """:func:`forward`, then one synchronisation that raises ``ValueError`` for non-finite input."""
-    y, bad = forward(xp, q, k, v, gamma, b, scale, nt=nt)
-    raise_nonfinite(bad.get() if hasattr(bad, "get") else bad)
-    return y
