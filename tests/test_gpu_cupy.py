@@ -86,6 +86,15 @@ def test_errors(rng):
     bad[0, 3, 1] = cupy.nan
     with pytest.raises(ValueError, match="q must contain only finite values"):
         resolvent.chain_attention(bad, q, q, 0.5)
+    # float32: the fused kernels flag non-finite input themselves (forward and backward)
+    q32 = q.astype(cupy.float32)
+    bad32 = bad.astype(cupy.float32)
+    with pytest.raises(ValueError, match="k must contain only finite values"):
+        resolvent.chain_attention(q32, bad32, q32, 0.5)
+    for args, name in (((bad32, q32, q32, 0.5, q32), "q"), ((q32, q32, bad32, 0.5, q32), "v"),
+                       ((q32, q32, q32, 0.5, bad32), "dy")):
+        with pytest.raises(ValueError, match=f"{name} must contain only finite values"):
+            resolvent.chain_attention_vjp(*args, y=q32)
     with pytest.raises(ValueError, match=r"gamma must lie in \[0, 1\)"):
         resolvent.chain_attention(q, q, q, 1.0)
     with pytest.raises(np.linalg.LinAlgError):

@@ -116,6 +116,16 @@ CHILD = textwrap.dedent(
         X = CB._forward_numpy(q, k, v, gam, b, 0.8) / (1 - gam[:, None, None])
         ref = CB._backward_numpy(q, k, v, gam, dy, X, b, 0.8)
         out[f"fusedbwd32_B{B}_n{n}_dv{dv}_b{b}_nt{nt}"] = max(rel(a, r) for a, r in zip(g32, ref))
+    # the float32 backward's kernels flag non-finite q, k, v, dy (flags[0:4]), and only those
+    q, k, v, dy, gam = inputs(1, 20, 3, 4)
+    for i, name in enumerate(("q", "k", "v", "dy", None)):
+        arrs = [x.astype(np.float32) for x in (q, k, v, gam, dy)]
+        if name is not None:
+            arrs[(0, 1, 2, 4)[i]][0, 7, 1] = np.nan if i % 2 else -np.inf
+        flags = np.zeros(GF.SYNC_HEAD, dtype=np.int32)
+        GB.backward(np, *arrs[:4], 4, 0.8, arrs[4], y=np.zeros((1, 20, 4), np.float32), nt=16, flags=flags)
+        want = [int(j == i) for j in range(4)]
+        out[f"fusedbwd_flags_{name}"] = float(list(flags[:4]) == want)
     for m, kcols in ((13, 3), (5, 10)):
         L = np.tril(rng.uniform(0, 1, (2, m, m)), -1)
         g = rng.uniform(0, 0.9 / m, (2, m))
@@ -188,6 +198,11 @@ def _keys(results, prefix):
 def test_simulated_kernels_match_cpu_float64(results, prefix, tol):
     bad = {k: results[k] for k in _keys(results, prefix) if not results[k] <= tol}
     assert not bad, f"relative errors above {tol}: {bad}"
+
+
+def test_simulated_fused_backward_flags_nonfinite_input(results):
+    for key in _keys(results, "fusedbwd_flags_"):
+        assert results[key] == 1.0, key
 
 
 def test_simulated_fused_pipeline_names_nonfinite_input(results):

@@ -160,7 +160,10 @@ def chain_attention_vjp(q, k, v, gamma, dy, *, method="blockwise", block_size=No
     dyf = _as_float(dy, "dy", 2)
     if dyf.shape != batch + (n, dvdim):
         raise ValueError(f"dy must have the output's shape {batch + (n, dvdim)}, got {dyf.shape}")
-    _all_finite(("q", qf), ("k", kf), ("v", vf), ("dy", dyf))  # one synchronisation for all four
+    b = min(block_size or gpu_block_size(n), n)
+    in_kernels = method == "blockwise" and _blockwise.checks_inputs(dt, b)
+    if not in_kernels:
+        _all_finite(("q", qf), ("k", kf), ("v", vf), ("dy", dyf))  # one synchronisation for all four
     dyf = cp.ascontiguousarray(dyf.reshape(B, n, dvdim), dtype=dt)
     yf = None
     if y is not None:
@@ -172,8 +175,14 @@ def chain_attention_vjp(q, k, v, gamma, dy, *, method="blockwise", block_size=No
         grads = _attention.dense_backward(cp, qf, kf, vf, g, scale, dyf)
     elif method == "exact":
         grads = _attention.exact_backward(cp, qf, kf, vf, g, scale, dyf)
+    elif in_kernels:
+        # the kernels flag non-finite input; one synchronisation once everything is queued
+        from ._fused import SYNC_HEAD, raise_nonfinite
+
+        flags = cp.zeros(SYNC_HEAD, dtype=np.int32)
+        grads = _blockwise.backward(cp, qf, kf, vf, g, b, scale, dyf, y=yf, flags=flags)
+        raise_nonfinite(flags.get(), ("q", "k", "v", "dy"))
     else:
-        b = min(block_size or gpu_block_size(n), n)
         grads = _blockwise.backward(cp, qf, kf, vf, g, b, scale, dyf, y=yf)
     dq, dk, dvv, dg = grads
     out = [

@@ -192,11 +192,18 @@ def forward(xp, q, k, v, gamma, b, scale, *, stream=None, nt=None):
     return X
 
 
-def backward(xp, q, k, v, gamma, b, scale, dy, y=None, *, stream=None, nt=None):
+def checks_inputs(dtype, b) -> bool:
+    """Whether :func:`backward` flags non-finite q, k, v, dy itself (no separate check needed)."""
+    return _fused.supported(dtype, b)
+
+
+def backward(xp, q, k, v, gamma, b, scale, dy, y=None, *, stream=None, nt=None, flags=None):
     """``(dq, dk, dv, dgamma)`` of :func:`forward`; ``y`` (its output) saves recomputing it.
 
     float32 with ``b <= MAX_BLOCK`` reads ``y`` and ``dy`` in its kernels (``X = y / (1 - gamma)``
-    and ``dX = (1 - gamma) dy`` are never formed); other cases the kernels of :mod:`._kernels`."""
+    and ``dX = (1 - gamma) dy`` are never formed), and sets ``flags[0:4]`` (int32 on the device,
+    zeroed by the caller; see :func:`checks_inputs`) where q, k, v or dy holds a non-finite value;
+    other cases the kernels of :mod:`._kernels`, which do not look (the caller checks first)."""
     if y is None:
         y = forward(xp, q, k, v, gamma, b, scale, stream=stream, nt=nt)
     B, n, d = q.shape
@@ -209,7 +216,9 @@ def backward(xp, q, k, v, gamma, b, scale, dy, y=None, *, stream=None, nt=None):
     m = _cdiv(n, b)
     s = dt.type(scale)
     if fused:
-        c, W, pooled, sqbar, kbarT = _fused.pooled(xp, q, k, v, b, scale, nt=nt)
+        if flags is None:
+            flags = xp.zeros(_fused.SYNC_HEAD, dtype=np.int32)
+        c, W, pooled, sqbar, kbarT = _fused.pooled(xp, q, k, v, b, scale, flags, nt=nt)
         sizes = xp.full(m, b, dtype=dt)
         sizes[-1] = n - (m - 1) * b
         skbar = s * xp.swapaxes(kbarT, -1, -2)
@@ -224,7 +233,7 @@ def backward(xp, q, k, v, gamma, b, scale, dy, y=None, *, stream=None, nt=None):
     rr = xp.empty((B, m, dvdim), dtype=dt)
     gd = xp.empty((B, m), dtype=dt)
     if fused:
-        _fused.backward_solve(q, k, gamma, b, scale, c, pooled, dy, Dst, u, G, hp, rr, gd, nt=nt)
+        _fused.backward_solve(q, k, gamma, b, scale, c, pooled, dy, Dst, u, G, hp, rr, gd, flags, nt=nt)
     else:
         X = y / (1 - g1)
         K.backward_solve(q, k, gamma, b, scale, c, pooled, (1 - g1) * dy, Dst, u, G, hp, rr, gd, nt=nt)

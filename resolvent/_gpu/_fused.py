@@ -747,7 +747,8 @@ def _bsolve_kernel(b, d, dv, NT, dtype):
     ``[G0 | h'] = (I - gamma D)^{-T} [dX | gamma 1]``, ``dX = (1 - gamma) dy`` (it takes ``dy``), with
     ``D`` recomputed (and stored to ``Dst``,
     ``u``), and the block sums ``rr = sum_t u_t G0_t``, ``gd = sum_t u_t h'_t``.  The solve is the
-    forward's panel substitution on the rows reversed, where the old kernel had a barrier per row."""
+    forward's panel substitution on the rows reversed, where the old kernel had a barrier per row.
+    A non-finite entry of ``dy`` sets ``flags[3]``."""
     BP = K._cdiv(b, 4) * 4
     BPS = K._cdiv(BP, PANEL) * PANEL
     BPS1 = BPS + 1
@@ -764,9 +765,11 @@ def _bsolve_kernel(b, d, dv, NT, dtype):
     subst = _panel_subst_t(SB, dtype)
     update = _panel_update(SB, dtype, False)
     load = _tile_load(BP, DV1, NT, dtype)
+    FMAX = np.dtype(dtype).type(np.finfo(dtype).max)
+    from numba import int32
 
     @cuda.jit
-    def kernel(q, k, gamma, scale, c, pooled, dy, Dst, u, G0, hp, rr, gd):
+    def kernel(q, k, gamma, scale, c, pooled, dy, Dst, u, G0, hp, rr, gd, flags):
         n = q.shape[1]
         m = Dst.shape[1]
         blk = cuda.blockIdx.x
@@ -814,10 +817,15 @@ def _bsolve_kernel(b, d, dv, NT, dtype):
             cw = min(DV1, dv - a0)
             load(dy, p, t0, T, a0, dv, ws)
             cuda.syncthreads()
+            bad = False
             for e in range(tid, T * DV1, NT):  # dX = (1 - gamma) dy
                 i = e // DV1
                 cc = e - i * DV1
-                ws[i, cc] *= om
+                x = ws[i, cc]
+                bad = bad or not abs(x) <= FMAX
+                ws[i, cc] = om * x
+            if bad:
+                cuda.atomic.max(flags, 3, int32(1))
             cuda.syncthreads()
             for e in range(tid, (T // 2) * NCOL, NT):  # rows reversed; the h column is gamma
                 i = e // NCOL
@@ -1146,10 +1154,11 @@ def forward_checked(xp, q, k, v, gamma, b, scale, *, nt=None):
     return y
 
 
-def pooled(xp, q, k, v, b, scale, *, nt=None):
+def pooled(xp, q, k, v, b, scale, flags, *, nt=None):
     """The pooled part for the backward, in two launches (means, then the rows of ``W``):
     ``(c, W, pooled, qbar, kbarT)`` as :func:`._blockwise.pooled_scores` gives ``c``, ``W`` and
-    ``W @ sizes``, with ``qbar`` scaled by ``scale`` and ``kbar`` transposed."""
+    ``W @ sizes``, with ``qbar`` scaled by ``scale`` and ``kbar`` transposed.  ``flags[0:3]`` (int32,
+    zeroed by the caller) are set where q, k or v holds a non-finite value."""
     B, n, d = q.shape
     dt = q.dtype
     m = K._cdiv(n, b)
@@ -1160,20 +1169,19 @@ def pooled(xp, q, k, v, b, scale, *, nt=None):
     W = xp.empty((B, m, m), dtype=dt)
     c = xp.empty((B, m), dtype=dt)
     pool = xp.empty((B, m), dtype=dt)
-    flags = xp.zeros(SYNC_HEAD, dtype=np.int32)  # the means kernel's finiteness flags (checked by the caller)
     K._launch(_means_kernel(b, nthr, dt), B * m, nthr, None, (q, k, v, dt.type(scale), qbar, kbarT, vs, flags))
     K._launch(_pooled_kernel(b, d, nthr, dt), B * m, nthr, None, (qbar, kbarT, W, c, pool))
     return c, W, pool, qbar, kbarT
 
 
-def backward_solve(q, k, gamma, b, scale, c, pooled, dy, Dst, u, G0, hp, rr, gd, *, nt=None):
+def backward_solve(q, k, gamma, b, scale, c, pooled, dy, Dst, u, G0, hp, rr, gd, flags, *, nt=None):
     """:func:`._kernels.backward_solve` by :func:`_bsolve_kernel`, on ``dy`` (it forms ``dX = (1 -
-    gamma) dy`` itself)."""
+    gamma) dy`` itself; ``flags[3]`` set where ``dy`` is not finite)."""
     B, n, d = q.shape
     nthr = _block_threads(b, nt)
     kern = _bsolve_kernel(b, d, dy.shape[2], nthr, np.dtype(q.dtype))
     K._launch(kern, B * K._cdiv(n, b), nthr, None,
-              (q, k, gamma, q.dtype.type(scale), c, pooled, dy, Dst, u, G0, hp, rr, gd))
+              (q, k, gamma, q.dtype.type(scale), c, pooled, dy, Dst, u, G0, hp, rr, gd, flags))
 
 
 def backward_grads(q, k, v, y, gamma, b, scale, Dst, u, G, hp, WtZ, dq, dk, dvv, Gu, asum, Rsum, gdx, Xsum, *,
