@@ -253,7 +253,7 @@ def _row_times(dv, NT, dtype):
 
 
 @functools.cache
-def _panel_subst(SB, dtype):
+def _panel_subst(SB, dtype, transposed=False):
     """Device function: one thread's column of a panel's forward substitution, unrolled.
 
     Rows ``k0 .. k0 + SB - 1`` of ``(I - gamma D) x = rhs`` with ``rhs`` in ``ws[:, col]`` (the rows
@@ -264,20 +264,33 @@ def _panel_subst(SB, dtype):
     whole panels of rows; rows at or past ``T`` are computed on whatever they hold and never stored.
     Writes ``X`` (or ``h``) and ``ws[:, col] = w`` for the rows below; returns the column's sum of
     ``x`` over the panel.
+
+    ``transposed``: the backward's solve, on the block's rows reversed (``S`` holding ``D`` reflected
+    about its anti-diagonal, so that ``(I - gamma D)^T`` is lower triangular again): ``w_r = gamma
+    x_r``; ``x_r`` goes to row ``t0 + T - 1 - (k0 + r)`` of ``G`` (or ``hp``), and the sum returned
+    is ``sum u_r x_r``.
     """
     ZERO = np.dtype(dtype).type(0)
-    L = ["def subst(S, ws, minv, k0, T, col, gam, isv, ish, v, X, h, p, t0, a0, nm1):",
-         "    ku = uint64(k0)", "    cu = uint64(col)", "    pu = uint64(p)", "    c = uint64(a0 + col)",
-         "    tv = uint64(t0 + k0)", "    last = uint64(nm1)", "    if isv:"]
-    L += [f"        v{r} = v[pu, min(tv + U{r}, last), c]" for r in range(SB)]
-    L += ["    else:"] + [f"        v{r} = ZERO" for r in range(SB)]
+    if transposed:
+        L = ["def subst(S, ws, minv, us, k0, T, col, gam, isv, ish, G, hp, p, t0, a0):",
+             "    ku = uint64(k0)", "    cu = uint64(col)", "    pu = uint64(p)", "    c = uint64(a0 + col)",
+             "    tb = uint64(t0 + T - 1 - k0)"]
+        out, hout, row, weight, vr = "G", "hp", "tb - U{r}", "us[ku + U{r}] * ", ""
+    else:
+        L = ["def subst(S, ws, minv, k0, T, col, gam, isv, ish, v, X, h, p, t0, a0, nm1):",
+             "    ku = uint64(k0)", "    cu = uint64(col)", "    pu = uint64(p)", "    c = uint64(a0 + col)",
+             "    tv = uint64(t0 + k0)", "    last = uint64(nm1)", "    if isv:"]
+        L += [f"        v{r} = v[pu, min(tv + U{r}, last), c]" for r in range(SB)]
+        L += ["    else:"] + [f"        v{r} = ZERO" for r in range(SB)]
+        out, hout, row, weight, vr = "X", "h", "tv + U{r}", "", "v{r} + "
     for r in range(SB):
         terms = "".join(f" + S[ku + U{r}, ku + U{j}] * w{j}" for j in range(r))
-        L += [f"    x{r} = (ws[ku + U{r}, cu]{terms}) * minv[ku + U{r}]", f"    w{r} = v{r} + gam * x{r}"]
+        L += [f"    x{r} = (ws[ku + U{r}, cu]{terms}) * minv[ku + U{r}]", f"    w{r} = {vr.format(r=r)}gam * x{r}"]
 
     def stores(ind, r):
-        return [f"{ind}ws[ku + U{r}, cu] = w{r}", f"{ind}cs += x{r}", f"{ind}if isv:",
-                f"{ind}    X[pu, tv + U{r}, c] = x{r}", f"{ind}elif ish:", f"{ind}    h[pu, tv + U{r}] = x{r}"]
+        at = row.format(r=r)
+        return [f"{ind}ws[ku + U{r}, cu] = w{r}", f"{ind}cs += {weight.format(r=r)}x{r}", f"{ind}if isv:",
+                f"{ind}    {out}[pu, {at}, c] = x{r}", f"{ind}elif ish:", f"{ind}    {hout}[pu, {at}] = x{r}"]
 
     L += ["    cs = ZERO", f"    if k0 + {SB} <= T:  # a whole panel: no row tests"]
     for r in range(SB):
@@ -712,35 +725,6 @@ def _combine_kernel(b, dv, NT, dtype):
 
 
 @functools.cache
-def _panel_subst_t(SB, dtype):
-    """Device function: :func:`_panel_subst` for the backward's transposed solve, on the block's
-    rows reversed (``S`` holding ``D`` reflected about its anti-diagonal, so that ``(I - gamma D)^T``
-    is lower triangular again): ``x_r = (ws[r] + sum_{j < r} S[r, j] w_j) / (1 - gamma D_rr)``,
-    ``w_r = gamma x_r``.  Stores ``x_r`` to row ``t0 + T - 1 - (k0 + r)`` of ``G`` (or ``hp`` for the
-    h column) and returns the column's ``sum u_r x_r`` over the panel."""
-    ZERO = np.dtype(dtype).type(0)
-    L = ["def subst(S, ws, minv, us, k0, T, col, gam, isv, ish, G, hp, p, t0, a0):",
-         "    ku = uint64(k0)", "    cu = uint64(col)", "    pu = uint64(p)", "    c = uint64(a0 + col)",
-         "    tb = uint64(t0 + T - 1 - k0)"]
-    for r in range(SB):
-        terms = "".join(f" + S[ku + U{r}, ku + U{j}] * w{j}" for j in range(r))
-        L += [f"    x{r} = (ws[ku + U{r}, cu]{terms}) * minv[ku + U{r}]", f"    w{r} = gam * x{r}"]
-
-    def stores(ind, r):
-        return [f"{ind}ws[ku + U{r}, cu] = w{r}", f"{ind}cs += us[ku + U{r}] * x{r}", f"{ind}if isv:",
-                f"{ind}    G[pu, tb - U{r}, c] = x{r}", f"{ind}elif ish:", f"{ind}    hp[pu, tb - U{r}] = x{r}"]
-
-    L += ["    cs = ZERO", f"    if k0 + {SB} <= T:  # a whole panel: no row tests"]
-    for r in range(SB):
-        L += stores("        ", r)
-    L += ["    else:"]
-    for r in range(SB):
-        L += [f"        if k0 + {r} < T:"] + stores("            ", r)
-    L += ["    return cs"]
-    return K.generated("subst", L, {"ZERO": ZERO}, nconst=SB)
-
-
-@functools.cache
 def _bsolve_kernel(b, d, dv, NT, dtype):
     """The backward's within-block solve (float32, ``b <= MAX_BLOCK``), one thread block per (batch
     entry, block); as :func:`._kernels._backward_solve_kernel` (same arguments and outputs):
@@ -762,7 +746,7 @@ def _bsolve_kernel(b, d, dv, NT, dtype):
     DV2 = DV1 + 2
     NCOL = DV1 + 1
     SB = PANEL
-    subst = _panel_subst_t(SB, dtype)
+    subst = _panel_subst(SB, dtype, True)
     update = _panel_update(SB, dtype, False)
     load = _tile_load(BP, DV1, NT, dtype)
     FMAX = np.dtype(dtype).type(np.finfo(dtype).max)
