@@ -225,7 +225,8 @@ def time_graph(fn, **kw):
 
 
 def breakdown(B, n):
-    """Device time of each launch of the float32 blockwise forward (CUDA-graph replay of each alone)."""
+    """Device time of each launch of the float32 blockwise forward (CUDA-graph replay of each alone),
+    on the buffers and launches of ``_fused._layout``: what ``chain_attention`` runs."""
     import cupy
 
     from resolvent._gpu import _api as gapi
@@ -234,38 +235,27 @@ def breakdown(B, n):
 
     rng = np.random.default_rng(3)
     q, k, v = (cupy.asarray(rng.standard_normal((B, n, D), dtype=np.float32)) for _ in range(3))
-    gvec = cupy.full(B, 0.9, dtype=cupy.float32)
     b = gapi.gpu_block_size(n)
-    m = -(-n // b)
-    nt = F.NT
     dt = q.dtype
-    nb = F._block_threads(b, None)  # threads of rows and combine, as F.forward launches them
-    mb = -(-m // F.NB)
-    cw = F._reduced_width(mb, None)
-    nch = -(-D // cw)
-    qbar, kbarT, vs = (cupy.empty(s, dt) for s in ((B, m, D), (B, D, m), (B, m, D)))
-    W, X, h = cupy.empty((B, m, m), dt), cupy.empty((B, n, D), dt), cupy.empty((B, n), dt)
-    rr, g, Z = cupy.empty((B, m, D), dt), cupy.empty((B, m), dt), cupy.empty((B, m, D), dt)
-    sync = cupy.zeros(F.SYNC_HEAD + B * nch * mb, dtype=np.int32)
-    s = np.float32(0.125)
+    bufs, launches = F._layout(B, n, D, D, b, None, dt)
+    env = {name: cupy.empty(shape, dtype=np.int32 if name == "sync" else dt) for name, shape in bufs.items()}
+    env.update(q=q, k=k, v=v, gamma=cupy.full(B, 0.9, dtype=dt), scale=np.float32(0.125))
+    env["sync"][...] = 0
 
-    def reduced():
-        sync[3:] = 0  # ticket counter and flags
-        K._launch(F._reduced_kernel(nt, dt, F.NB, cw), B * nch * mb, nt, None, (W, g, rr, Z, sync))
+    def stage(kern, grid, nthr, names):
+        def run():
+            if "sync" in names:
+                env["sync"][3:] = 0  # the reduced system's ticket counter and flags
+            K._launch(kern, grid, nthr, None, tuple(env[nm] for nm in names))
+        return run
 
-    stages = {
-        "means (q, k, v block means and sums, finiteness)":
-            lambda: K._launch(F._means_kernel(b, nt, dt), B * m, nt, None, (q, k, v, s, qbar, kbarT, vs, sync)),
-        "rows (pooled scores, W, P; scores, normalisers; panel solve)":
-            lambda: K._launch(F._rows_kernel(b, D, D, nb, dt), B * m, nb, None,
-                              (q, k, v, gvec, s, qbar, kbarT, vs, W, X, h, rr, g)),
-        f"reduced system, {nch} x {mb} chained thread blocks per batch entry (+ a memset)": reduced,
-        "combine (W Z, Woodbury correction)":
-            lambda: K._launch(F._combine_kernel(b, D, nb, dt), B * m, nb, None, (X, h, W, Z, gvec)),
-    }
-    for fn in stages.values():
+    stages = {kern.py_func.__qualname__.split(".")[0].strip("_"): stage(kern, grid, nthr, names)
+              for kern, grid, nthr, names in launches}
+    for fn in stages.values():  # in order: every stage's inputs are written once
         fn()
-    say(f"Stage breakdown of the blockwise forward at {(B, n)}, b = {b}, m = {m} (graph replay, ms):")
+    m = -(-n // b)
+    say(f"Stage breakdown of the blockwise forward at {(B, n)}, b = {b}, m = {m} (graph replay, ms; "
+        "the reduced system's includes a memset):")
     for name, fn in stages.items():
         say(f"- {name}: {time_graph(fn):.3f}")
     say("")

@@ -90,15 +90,38 @@ CHILD = textwrap.dedent(
     out["poison_forward_all_written"] = float(all(np.isfinite(a).all() for a in (X, h, rr, g)))
 
     # the fused float32 pipeline: several diagonal blocks in the reduced system (4 rows instead of
-    # 64, so its flags chain), several column chunks, more than one thread group per column
+    # 64, so its flags chain), several column chunks, more than one thread group per column; the
+    # pooled scores in tiles of GF.PT_SIM = 8 blocks (m = 13: two tiles a side, m = 21: three)
     from resolvent._gpu import _fused as GF
     GF.NB, cw_saved = 4, GF.CW
-    for B, n, d, dv, b, nt, cw in ((2, 37, 3, 10, 3, 8, 64), (1, 50, 4, 3, 4, 16, 4), (1, 8, 2, 2, 8, 4, 64)):
+    for B, n, d, dv, b, nt, cw in ((2, 37, 3, 10, 3, 8, 64), (1, 50, 4, 3, 4, 16, 4), (1, 8, 2, 2, 8, 4, 64),
+                                   (1, 41, 3, 4, 2, 8, 64)):
         GF.CW = cw
         q, k, v, dy, gam = inputs(B, n, d, dv)
         f32 = [x.astype(np.float32) for x in (q, k, v, gam)]
         y32 = GF.forward_checked(np, *f32, b, 0.8, nt=nt)
         out[f"fused32_B{B}_n{n}_dv{dv}_b{b}_nt{nt}_cw{cw}"] = rel(y32, CB._forward_numpy(q, k, v, gam, b, 0.8))
+    # the pooled tiles against the NumPy float64 pooled scores, on buffers poisoned with NaN (every
+    # entry that is read must have been written: W's upper part, c[0], each row's tile sums)
+    class Poisoned:
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        @staticmethod
+        def empty(shape, dtype):
+            return np.full(shape, np.nan, dtype=dtype)
+
+    q, k, v, dy, gam = inputs(2, 41, 3, 4)
+    f32 = [x.astype(np.float32) for x in (q, k, v, gam)]
+    flags = np.zeros(GF.SYNC_HEAD, dtype=np.int32)
+    c, W, psum, _, _ = GF.pooled(Poisoned(), *f32[:3], 2, 0.8, flags)
+    c0, W0, sizes, _, _ = GB.pooled_scores(np, q, k, 2, 0.8)
+    mass = np.array([[psum[p, : I // GF.PT_SIM + 1, I].sum() for I in range(W.shape[1])] for p in range(2)])
+    out["fused32_pooled_c"] = rel(c, c0)
+    out["fused32_pooled_W"] = rel(W, W0)
+    out["fused32_pooled_mass"] = rel(mass, W0.sum(axis=-1))
+    y, bad = GF.forward(Poisoned(), *f32, 2, 0.8, nt=8)
+    out["fused32_poisoned_forward"] = rel(y, CB._forward_numpy(q, k, v, gam, 2, 0.8))
     for i, name in enumerate("qkv"):
         arrs = [x.astype(np.float32) for x in (q, k, v, gam)]
         arrs[i][0, -1, 0] = np.inf if name == "k" else np.nan
@@ -109,7 +132,7 @@ CHILD = textwrap.dedent(
             out[f"fused_nonfinite_{name}"] = float(str(exc).startswith(name + " must"))
     # the float32 backward (its reduced system on the same single-launch solver, transposed; b = 19:
     # two panels of the reversed within-block solve, the second partial)
-    for B, n, d, dv, b, nt in ((2, 37, 3, 10, 3, 8), (1, 30, 5, 4, 4, 16), (1, 45, 3, 4, 19, 32)):
+    for B, n, d, dv, b, nt in ((2, 37, 3, 10, 3, 8), (1, 30, 5, 4, 4, 16), (1, 45, 3, 4, 19, 32), (1, 41, 3, 4, 2, 8)):
         q, k, v, dy, gam = inputs(B, n, d, dv)
         f32 = [x.astype(np.float32) for x in (q, k, v, gam, dy)]
         g32 = GB.backward(np, *f32[:4], b, 0.8, f32[4], nt=nt)
@@ -134,11 +157,15 @@ CHILD = textwrap.dedent(
         ref = np.stack([solve_triangular(T[i], R[i], lower=True) for i in range(2)])
         Z = GB.solve_unit_lower(np, *(x.astype(np.float32) for x in (L, g, R)), nt=16)
         out[f"fused32_reduced_lower_m{m}_k{kcols}"] = rel(Z, ref)
+        Z, LZ = GB.solve_unit_lower(np, *(x.astype(np.float32) for x in (L, g, R)), with_product=True, nt=16)
+        out[f"fused32_reduced_lower_product_m{m}_k{kcols}"] = max(rel(Z, ref), rel(LZ, L @ ref))
         U = np.swapaxes(L, -1, -2)
         Tu = np.eye(m) - g[..., None] * U
         refu = np.stack([solve_triangular(Tu[i], R[i], lower=False) for i in range(2)])
         Zu = GB.solve_unit_upper(np, *(x.astype(np.float32) for x in (U, g, R)), nt=16)
         out[f"fused32_reduced_upper_m{m}_k{kcols}"] = rel(Zu, refu)
+        Zu, UZ = GB.solve_unit_upper(np, *(x.astype(np.float32) for x in (U, g, R)), with_product=True, nt=16)
+        out[f"fused32_reduced_upper_product_m{m}_k{kcols}"] = max(rel(Zu, refu), rel(UZ, U @ refu))
     GF.NB, GF.CW = 64, cw_saved
 
     # the blocked reduced solver across several diagonal blocks (block 4 instead of 64)
@@ -156,6 +183,8 @@ CHILD = textwrap.dedent(
         Tu = np.eye(m) - g[..., None] * U
         refu = np.stack([solve_triangular(Tu[i], R[i], lower=False) for i in range(2)])
         out[f"reduced_upper_m{m}_k{kcols}"] = rel(Zu, refu)
+        Zu, UZ = GB.solve_unit_upper(np, U, g, R, with_product=True, nt=16)
+        out[f"reduced_upper_product_m{m}_k{kcols}"] = max(rel(Zu, refu), rel(UZ, U @ refu))
         M = np.tril(rng.standard_normal((2, m, m))) + 3 * np.eye(m)
         out[f"lower_solve_m{m}"] = rel(GB.lower_solve(np, M, R, nt=16), np.linalg.solve(M, R))
 

@@ -121,8 +121,9 @@ def pooled_scores(xp, q, k, b, scale):
     return c, W, sizes, qbar, kbar
 
 
-def solve_unit_lower(xp, L, g, R, *, stream=None, nt=None):
-    """``Z = (I - diag(g) L)^{-1} R`` for strictly lower ``L`` (B, m, m), ``g`` (B, m), ``R`` (B, m, k).
+def solve_unit_lower(xp, L, g, R, *, with_product=False, stream=None, nt=None):
+    """``Z = (I - diag(g) L)^{-1} R`` for strictly lower ``L`` (B, m, m), ``g`` (B, m), ``R`` (B, m, k);
+    ``with_product``: ``(Z, L Z)`` (``L``'s strict lower part).
 
     Blocked: the ``m / 64`` diagonal blocks are inverted in parallel (one thread block each), then
     one kernel walks the block rows, each step a block product with the rows already solved and a
@@ -134,21 +135,24 @@ def solve_unit_lower(xp, L, g, R, *, stream=None, nt=None):
     g = xp.ascontiguousarray(g)
     R = xp.ascontiguousarray(R)
     if _fused.supported(L.dtype, 0) and R.dtype == L.dtype and g.dtype == L.dtype:
-        return _fused.reduced_solve(xp, L, g, R, nt=nt)
+        return _fused.reduced_solve(xp, L, g, R, with_product=with_product, nt=nt)
     nb = K.RED_NB
     mb = _cdiv(m, nb)
     Dinv = xp.empty((B, mb, nb, nb), dtype=L.dtype)
     K.diag_block_inverse(L, g, Dinv, stream=stream, nt=nt, nb=nb)
     Z = xp.empty((B, m, k), dtype=R.dtype)
     K.reduced_solve(L, g, R, Dinv, Z, stream=stream, nt=nt, nb=nb)
-    return Z
+    return (Z, xp.tril(L, -1) @ Z) if with_product else Z
 
 
-def solve_unit_upper(xp, U, g, R, *, stream=None, nt=None):
-    """``Z = (I - diag(g) U)^{-1} R`` for strictly upper ``U``: the lower solver on reversed indices."""
+def solve_unit_upper(xp, U, g, R, *, with_product=False, stream=None, nt=None):
+    """``Z = (I - diag(g) U)^{-1} R`` for strictly upper ``U``: the lower solver on reversed indices
+    (``with_product``: ``(Z, U Z)``)."""
     Lr = U[:, ::-1, ::-1]
-    Z = solve_unit_lower(xp, Lr, g[:, ::-1], R[:, ::-1], stream=stream, nt=nt)
-    return xp.ascontiguousarray(Z[:, ::-1])
+    out = solve_unit_lower(xp, Lr, g[:, ::-1], R[:, ::-1], with_product=with_product, stream=stream, nt=nt)
+    if with_product:
+        return tuple(xp.ascontiguousarray(x[:, ::-1]) for x in out)
+    return xp.ascontiguousarray(out[:, ::-1])
 
 
 def lower_solve(xp, M, R, *, lower=True, stream=None, nt=None):
@@ -219,7 +223,7 @@ def backward(xp, q, k, v, gamma, b, scale, dy, y=None, *, stream=None, nt=None, 
     if fused:
         if flags is None:
             flags = xp.zeros(_fused.SYNC_HEAD, dtype=np.int32)
-        c, W, pooled, sqbar, kbarT = _fused.pooled(xp, q, k, v, b, scale, flags, nt=nt)
+        c, W, psum, sqbar, kbarT = _fused.pooled(xp, q, k, v, b, scale, flags, nt=nt)
         sizes = xp.full(m, b, dtype=dt)
         sizes[-1] = n - (m - 1) * b
         skbar = s * xp.swapaxes(kbarT, -1, -2)
@@ -234,12 +238,12 @@ def backward(xp, q, k, v, gamma, b, scale, dy, y=None, *, stream=None, nt=None, 
     rr = xp.empty((B, m, dvdim), dtype=dt)
     gd = xp.empty((B, m), dtype=dt)
     if fused:
-        _fused.backward_solve(q, k, gamma, b, scale, c, pooled, dy, Dst, u, G, hp, rr, gd, flags, nt=nt)
+        _fused.backward_solve(q, k, gamma, b, scale, c, psum, dy, Dst, u, G, hp, rr, gd, flags, nt=nt)
     else:
         X = y / (1 - g1)
         K.backward_solve(q, k, gamma, b, scale, c, pooled, (1 - g1) * dy, Dst, u, G, hp, rr, gd, nt=nt)
     Wt = xp.swapaxes(W, -1, -2)
-    Z = solve_unit_upper(xp, Wt, gd, rr, stream=stream, nt=nt)
+    _, WtZ = solve_unit_upper(xp, Wt, gd, rr, with_product=True, stream=stream, nt=nt)
     dq = xp.empty_like(q)
     dk = xp.empty_like(k)
     dvv = xp.empty_like(v)
@@ -249,11 +253,11 @@ def backward(xp, q, k, v, gamma, b, scale, dy, y=None, *, stream=None, nt=None, 
     gdx = xp.empty((B, m), dtype=dt)
     if fused:
         Xsum = xp.empty((B, m, dvdim), dtype=dt)
-        _fused.backward_grads(q, k, v, y, gamma, b, scale, Dst, u, G, hp, Wt @ Z, dq, dk, dvv, Gu, asum,
+        _fused.backward_grads(q, k, v, y, gamma, b, scale, Dst, u, G, hp, WtZ, dq, dk, dvv, Gu, asum,
                               Rsum, gdx, Xsum, nt=nt)
         ydy = batch_dot(xp, dy, y) / (1 - gamma)
     else:
-        K.backward_grads(q, k, v, X, gamma, b, scale, Dst, u, G, hp, Wt @ Z, dq, dk, dvv, Gu, asum, Rsum,
+        K.backward_grads(q, k, v, X, gamma, b, scale, Dst, u, G, hp, WtZ, dq, dk, dvv, Gu, asum, Rsum,
                          gdx, nt=nt)
         Xsum = block_sums(xp, X, b)
         ydy = batch_dot(xp, dy, X)

@@ -44,6 +44,9 @@ NT_SMALL = 128  #: threads per thread block of the per-block kernels when b <= 3
 DVC = 64  #: value columns per pass of the within-block solve
 KCF = 16  #: columns of q/k per shared chunk of the score tile (small: room for the solve's tile)
 NB = 64  #: diagonal block of the reduced system
+PT = 64  #: rows and columns of a pooled-score tile ((PT / 4)^2 threads, a 4 x 4 register tile each)
+PT_SIM = 8  #: the same under the simulator (small problems still span several tiles)
+KCP = 32  #: columns of qbar / kbar per shared chunk of a pooled-score tile
 PANEL = 16  #: rows per panel of the blocked substitutions (even; divides NB and the block tiles)
 CW = 16  #: right-hand-side columns per thread block of the reduced system (fewer: shorter chain steps)
 CW_SHORT = 32  #: the same when the chain has at most two steps (64 would pass the 48 KB of static shared memory)
@@ -201,58 +204,6 @@ def _block_reduce(NT, dtype, is_max):
 
 
 @functools.cache
-def _row_times(dv, NT, dtype):
-    """Device function: ``out[c] = sum_{J < I} W[p, I, J] M[p, J, c]`` for ``c < dv`` into shared
-    ``out``; the J range is split over ``NT // dv`` thread groups, summed through ``red``."""
-    RG = max(1, NT // dv)
-    ZERO = np.dtype(dtype).type(0)
-
-    @cuda.jit(device=True)
-    def row_times(W, M, p, I, out, red):
-        tid = cuda.threadIdx.x
-        cuda.syncthreads()  # red may still be read by an earlier reduction
-        for e in range(tid, RG * dv, NT):
-            grp = e // dv
-            c = e - grp * dv
-            a0 = ZERO
-            a1 = ZERO
-            J = grp
-            while J + 7 * RG < I:  # sixteen loads in flight
-                w0 = W[p, I, J]
-                w1 = W[p, I, J + RG]
-                w2 = W[p, I, J + 2 * RG]
-                w3 = W[p, I, J + 3 * RG]
-                w4 = W[p, I, J + 4 * RG]
-                w5 = W[p, I, J + 5 * RG]
-                w6 = W[p, I, J + 6 * RG]
-                w7 = W[p, I, J + 7 * RG]
-                m0 = M[p, J, c]
-                m1 = M[p, J + RG, c]
-                m2 = M[p, J + 2 * RG, c]
-                m3 = M[p, J + 3 * RG, c]
-                m4 = M[p, J + 4 * RG, c]
-                m5 = M[p, J + 5 * RG, c]
-                m6 = M[p, J + 6 * RG, c]
-                m7 = M[p, J + 7 * RG, c]
-                a0 += (w0 * m0 + w2 * m2) + (w4 * m4 + w6 * m6)
-                a1 += (w1 * m1 + w3 * m3) + (w5 * m5 + w7 * m7)
-                J += 8 * RG
-            while J < I:
-                a0 += W[p, I, J] * M[p, J, c]
-                J += RG
-            red[e] = a0 + a1
-        cuda.syncthreads()
-        for c in range(tid, dv, NT):
-            s = ZERO
-            for grp in range(RG):
-                s += red[grp * dv + c]
-            out[c] = s
-        cuda.syncthreads()
-
-    return row_times
-
-
-@functools.cache
 def _panel_subst(SB, dtype, transposed=False):
     """Device function: one thread's column of a panel's forward substitution, unrolled.
 
@@ -334,12 +285,13 @@ def _inverse_panel(SB):
 @functools.cache
 def _means_kernel(b, NT, dtype):
     ONE = np.dtype(dtype).type(1)
+    NEG_INF = np.dtype(dtype).type(-np.inf)
     FMAX = np.dtype(dtype).type(np.finfo(dtype).max)
     colsum = _colsum(dtype)
     from numba import int32
 
     @cuda.jit
-    def kernel(q, k, v, scale, qbar, kbarT, vs, sync):
+    def kernel(q, k, v, scale, qbar, kbarT, vs, cmax, sync):
         n = q.shape[1]
         d = q.shape[2]
         dv = v.shape[2]
@@ -349,6 +301,8 @@ def _means_kernel(b, NT, dtype):
         J = blk - p * m
         if p >= q.shape[0]:
             return
+        if cuda.threadIdx.x == 0:
+            cmax[p, J] = NEG_INF  # the empty maximum, for the pooled scores' atomic max
         t0 = J * b
         T = min(n - t0, b)
         inv = ONE / T
@@ -372,108 +326,225 @@ def _means_kernel(b, NT, dtype):
 
 
 @functools.cache
-def _pooled_row(b, d, NT, dtype):
-    """Device function: row ``I`` of the pooled weights into ``W`` (``W_IJ = exp(sigma_IJ - c_I)``
-    for ``J < I``, flushed below ``eps^2``; zero from ``I`` on), returning ``(c_I, pooled mass)``.
-    ``sigma_IJ = qbar_I . kbar_J`` (qbar scaled, kbar transposed: :func:`_means_kernel`); ``qb``
-    (shared, ``d``) and ``red`` (shared, ``NT``) are scratch."""
-    ZERO = np.dtype(dtype).type(0)
-    NEG_INF = np.dtype(dtype).type(-np.inf)
-    EPS2 = np.dtype(dtype).type(np.finfo(dtype).eps ** 2)
-    BF = np.dtype(dtype).type(b)
-    D8 = d // 8
-    rmax = _block_reduce(NT, dtype, True)
-    rsum = _block_reduce(NT, dtype, False)
-
-    @cuda.jit(device=True)
-    def pooled_row(qbar, kbarT, W, p, I, qb, red):
-        tid = cuda.threadIdx.x
-        m = W.shape[1]
-        # pooled scores of block I against the earlier blocks, their shift and W's row I
-        for a in range(tid, d, NT):
-            qb[a] = qbar[p, I, a]
-        cuda.syncthreads()
-        lmax = NEG_INF
-        for J in range(tid, I, NT):
-            s0 = ZERO
-            s1 = ZERO
-            s2 = ZERO
-            s3 = ZERO
-            for a8 in range(D8):  # eight loads in flight
-                a = 8 * a8
-                x0 = kbarT[p, a, J]
-                x1 = kbarT[p, a + 1, J]
-                x2 = kbarT[p, a + 2, J]
-                x3 = kbarT[p, a + 3, J]
-                x4 = kbarT[p, a + 4, J]
-                x5 = kbarT[p, a + 5, J]
-                x6 = kbarT[p, a + 6, J]
-                x7 = kbarT[p, a + 7, J]
-                s0 += qb[a] * x0 + qb[a + 4] * x4
-                s1 += qb[a + 1] * x1 + qb[a + 5] * x5
-                s2 += qb[a + 2] * x2 + qb[a + 6] * x6
-                s3 += qb[a + 3] * x3 + qb[a + 7] * x7
-            for a in range(8 * D8, d):
-                s0 += qb[a] * kbarT[p, a, J]
-            s = (s0 + s1) + (s2 + s3)
-            W[p, I, J] = s
-            lmax = max(lmax, s)
-        for J in range(I + tid, m, NT):
-            W[p, I, J] = ZERO
-        cI = rmax(red, lmax)  # its barriers also publish the W writes to the thread block
-        if I == 0:
-            cI = ZERO
-        lsum = ZERO
-        for J in range(tid, I, NT):
-            w = math.exp(W[p, I, J] - cI)
-            if w < EPS2:  # cannot change a row sum (as the CPU path)
-                w = ZERO
-            W[p, I, J] = w
-            lsum += w
-        pooledI = rsum(red, lsum) * BF  # the earlier blocks are full (BF: b in the compute type)
-        return cI, pooledI
-
-    return pooled_row
+def _rect_inner(TPW, KC):
+    """Device function: ``KC`` steps of a thread's 4 x 4 register tile of ``A Bm`` (rows ``ti + TPW
+    r``, columns ``tj + TPW c``; ``A`` shared ``[row, k]``, ``Bm`` shared ``[k, column]``), unrolled:
+    8 shared reads and 16 multiply-adds a step, and nothing else."""
+    acc = [f"a{r}{c}" for r in range(4) for c in range(4)]
+    L = [f"def inner(A, Bm, ti, tj, {', '.join(acc)}):", "    i0 = uint64(ti)", "    j0 = uint64(tj)"]
+    L += [f"    i{r} = i{r - 1} + UTPW" for r in range(1, 4)] + [f"    j{r} = j{r - 1} + UTPW" for r in range(1, 4)]
+    for c in range(KC):
+        L += [f"    x{r} = A[i{r}, U{c}]" for r in range(4)] + [f"    y{q} = Bm[U{c}, j{q}]" for q in range(4)]
+        L += [f"    a{r}{q} += x{r} * y{q}" for r in range(4) for q in range(4)]
+    L += [f"    return ({', '.join(acc)})"]
+    return K.generated("inner", L, {"UTPW": np.uint64(TPW)}, nconst=KC)
 
 
 @functools.cache
-def _pooled_kernel(b, d, NT, dtype):
-    """The pooled weights alone, one thread block per (batch entry, block row): ``W``, ``c``, and
-    the pooled mass, for the backward (the forward's ``rows`` kernel computes them inline)."""
+def _rect_store(TPW, dtype, scores):
+    """Device function: a thread's 4 x 4 register tile to global memory, unrolled.
+
+    ``scores``: ``out[p, I, J] = a`` for ``J < I`` and 0 for ``J >= I`` (rows and columns below
+    ``C``), and the largest kept entry of each of the thread's rows to ``rmx[row, tj]`` (``-inf``
+    where none).  Otherwise ``out[p, jt, I, c0 + col] = a`` for ``I < R``, ``c0 + col < C``."""
+    acc = [f"a{r}{c}" for r in range(4) for c in range(4)]
+    L = [f"def store(out, rmx, p, jt, I0, R, c0, C, ti, tj, {', '.join(acc)}):"]
+    for r in range(4):
+        L += [f"    i{r} = ti + {TPW * r}", f"    row{r} = I0 + i{r}"]
+    for c in range(4):
+        L += [f"    col{c} = c0 + tj + {TPW * c}"]
+    for r in range(4):
+        if scores:
+            L += ["    mr = NEG_INF", f"    if row{r} < R:"]
+            for c in range(4):
+                L += [f"        if col{c} < C:", f"            if col{c} < row{r}:",
+                      f"                out[p, row{r}, col{c}] = a{r}{c}", f"                mr = max(mr, a{r}{c})",
+                      "            else:", f"                out[p, row{r}, col{c}] = ZERO"]
+            L += [f"    rmx[i{r}, tj] = mr"]
+        else:
+            L += [f"    if row{r} < R:"]
+            for c in range(4):
+                L += [f"        if col{c} < C:", f"            out[p, jt, row{r}, col{c}] = a{r}{c}"]
+    return K.generated("store", L, {"ZERO": np.dtype(dtype).type(0), "NEG_INF": np.dtype(dtype).type(-np.inf)})
+
+
+def _pooled_tile():
+    """Rows (and columns) of a pooled-score tile: ``PT`` on a GPU, ``PT_SIM`` under the simulator."""
+    return PT_SIM if K._simulated() else PT
+
+
+@functools.cache
+def _scores_kernel(d, PTl, dtype):
+    """The pooled scores ``sigma_IJ = qbar_I . kbar_J`` (``qbar`` scaled, ``kbar`` transposed), one
+    ``PTl x PTl`` tile of ``W`` per thread block (``(PTl / 4)^2`` threads, a 4 x 4 register tile
+    each; grid ``B * nt * nt``, ``nt = ceil(m / PTl)``): the raw scores below the diagonal, zeros on
+    and above it, and each row's largest score into ``c`` by an atomic max (``c`` holds ``-inf`` on
+    entry: :func:`_means_kernel`)."""
+    TPW = PTl // 4
+    NTT = TPW * TPW
+    KCc = min(KCP, d)
+    KC1 = KCc + 1
+    PT1 = PTl + 1
+    TPW1 = TPW + 1
     nbt = K._numba_type(dtype)
-    pooled_row = _pooled_row(b, d, NT, dtype)
+    ZERO = np.dtype(dtype).type(0)
+    NEG_INF = np.dtype(dtype).type(-np.inf)
+    inner = _rect_inner(TPW, KCc)
+    store = _rect_store(TPW, dtype, True)
+    load_q = _tile_load(PTl, KCc, NTT, dtype)
+    load_k = _tile_load(KCc, PTl, NTT, dtype)
 
     @cuda.jit
-    def kernel(qbar, kbarT, W, c, pooled):
+    def kernel(qbar, kbarT, W, c):
         m = W.shape[1]
+        nt = (m + PTl - 1) // PTl
         blk = cuda.blockIdx.x
-        p = blk // m
-        I = blk - p * m
-        qb = cuda.shared.array(d, nbt)
-        red = cuda.shared.array(NT, nbt)
+        p = blk // (nt * nt)
+        rest = blk - p * nt * nt
+        it = rest // nt
+        jt = rest - it * nt
+        tid = cuda.threadIdx.x
+        qs = cuda.shared.array((PTl, KC1), nbt)
+        ks = cuda.shared.array((KCc, PT1), nbt)
+        rmx = cuda.shared.array((PTl, TPW1), nbt)
         if p >= W.shape[0]:
             return
-        cI, pooledI = pooled_row(qbar, kbarT, W, p, I, qb, red)
-        if cuda.threadIdx.x == 0:
-            c[p, I] = cI
-            pooled[p, I] = pooledI
+        I0 = it * PTl
+        J0 = jt * PTl
+        if jt > it:  # above the diagonal: zeros
+            for e in range(tid, PTl * PTl, NTT):
+                i = e // PTl
+                j = e - i * PTl
+                if I0 + i < m and J0 + j < m:
+                    W[p, I0 + i, J0 + j] = ZERO
+            return
+        ti = tid // TPW
+        tj = tid - ti * TPW
+        a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = ZERO
+        a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = ZERO
+        for a0 in range(0, d, KCc):
+            load_q(qbar, p, I0, min(m - I0, PTl), a0, d, qs)
+            load_k(kbarT, p, a0, min(d - a0, KCc), J0, m, ks)
+            cuda.syncthreads()
+            (a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32,
+             a33) = inner(qs, ks, ti, tj, a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30,
+                          a31, a32, a33)
+            cuda.syncthreads()
+        store(W, rmx, p, 0, I0, m, J0, m, ti, tj, a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22,
+              a23, a30, a31, a32, a33)
+        cuda.syncthreads()
+        for i in range(tid, PTl, NTT):
+            mx = NEG_INF
+            for j in range(TPW):
+                mx = max(mx, rmx[i, j])
+            if I0 + i < m and mx > NEG_INF:
+                cuda.atomic.max(c, (p, I0 + i), mx)
 
     return kernel
 
 
 @functools.cache
-def _rows_kernel(b, d, dv, NT, dtype):
+def _softmax_kernel(PTl, dtype):
+    """The pooled weights from the raw scores, tile by tile as :func:`_scores_kernel` (the tiles on
+    and below the diagonal): ``W_IJ = exp(sigma_IJ - c_I)`` in place (flushed below ``eps^2``: it
+    cannot change a row sum, as on the CPU), the tile's row sums into ``psum[p, jt, I]`` and its
+    share of ``P_I = sum_J W_IJ vsum_J`` into ``Pp[p, jt, I, :]`` (summed by the reader,
+    :func:`_pooled_stats`: no atomics, the same result on every run).  Sets ``c[p, 0] = 0`` (block 0
+    has no pooled part; its ``-inf`` from the means kernel stood for the empty maximum)."""
+    TPW = PTl // 4
+    NTT = TPW * TPW
+    PT1 = PTl + 1
+    nbt = K._numba_type(dtype)
+    ZERO = np.dtype(dtype).type(0)
+    EPS2 = np.dtype(dtype).type(np.finfo(dtype).eps ** 2)
+    inner = _rect_inner(TPW, PTl)
+    store = _rect_store(TPW, dtype, False)
+    load = _tile_load(PTl, PTl, NTT, dtype)
+
+    @cuda.jit
+    def kernel(W, c, vs, psum, Pp):
+        m = W.shape[1]
+        dv = vs.shape[2]
+        nt = (m + PTl - 1) // PTl
+        blk = cuda.blockIdx.x
+        p = blk // (nt * nt)
+        rest = blk - p * nt * nt
+        it = rest // nt
+        jt = rest - it * nt
+        tid = cuda.threadIdx.x
+        Ws = cuda.shared.array((PTl, PT1), nbt)
+        Vs = cuda.shared.array((PTl, PT1), nbt)
+        cs = cuda.shared.array(PTl, nbt)
+        if p >= W.shape[0] or jt > it:
+            return
+        I0 = it * PTl
+        J0 = jt * PTl
+        load(W, p, I0, min(m - I0, PTl), J0, m, Ws)
+        for i in range(tid, PTl, NTT):
+            cs[i] = c[p, I0 + i] if I0 + i < m else ZERO
+        cuda.syncthreads()
+        if it == 0 and tid == 0:
+            c[p, 0] = ZERO  # after every thread's read of it above
+        for e in range(tid, PTl * PTl, NTT):
+            i = e // PTl
+            j = e - i * PTl
+            w = ZERO
+            if J0 + j < I0 + i and I0 + i < m:
+                w = math.exp(Ws[i, j] - cs[i])
+                if w < EPS2:
+                    w = ZERO
+                W[p, I0 + i, J0 + j] = w
+            Ws[i, j] = w
+        cuda.syncthreads()
+        for i in range(tid, PTl, NTT):
+            if I0 + i < m:
+                s = ZERO
+                for j in range(PTl):
+                    s += Ws[i, j]
+                psum[p, jt, I0 + i] = s
+        ti = tid // TPW
+        tj = tid - ti * TPW
+        for a0 in range(0, dv, PTl):
+            load(vs, p, J0, min(m - J0, PTl), a0, dv, Vs)
+            cuda.syncthreads()
+            z = ZERO
+            (a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32,
+             a33) = inner(Ws, Vs, ti, tj, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z)
+            store(Pp, Ws, p, jt, I0, m, a0, dv, ti, tj, a00, a01, a02, a03, a10, a11, a12, a13, a20, a21,
+                  a22, a23, a30, a31, a32, a33)
+            cuda.syncthreads()
+
+    return kernel
+
+
+@functools.cache
+def _pooled_stats(PTl, b, dtype):
+    """Device function: ``(c_I, pooled mass)`` of block row ``I`` from :func:`_softmax_kernel`'s
+    outputs (the row sums of its tiles, times ``b``: the earlier blocks are full)."""
+    ZERO = np.dtype(dtype).type(0)
+    BF = np.dtype(dtype).type(b)
+
+    @cuda.jit(device=True)
+    def stats(c, psum, p, I):
+        s = ZERO
+        for jt in range(I // PTl + 1):
+            s += psum[p, jt, I]
+        return c[p, I], s * BF
+
+    return stats
+
+
+@functools.cache
+def _rows_kernel(b, d, dv, NT, PTl, dtype):
     BP = K._cdiv(b, 4) * 4
     BPS = K._cdiv(BP, PANEL) * PANEL  # whole panels of rows for the unrolled substitution
     BPS1 = BPS + 1  # shared shapes must be literal constants: no arithmetic inside the calls
     KC1 = min(KCF, d) + 1
-    RED = max(NT, dv)
     nbt = K._numba_type(dtype)
     ZERO = np.dtype(dtype).type(0)
     tri_prod = K._tri_prod(BP, d, NT, dtype, False, KCF)
     row_stats = K._row_stats(NT, dtype)
-    row_times = _row_times(dv, NT, dtype)
-    pooled_row = _pooled_row(b, d, NT, dtype)
+    stats = _pooled_stats(PTl, b, dtype)
     DV1 = _widths(NT)[0]
     DV2 = DV1 + 2
     NCOL = DV1 + 1  # the value columns of a pass, then the h column
@@ -483,9 +554,9 @@ def _rows_kernel(b, d, dv, NT, dtype):
     load_v = _tile_load(BP, DV1, NT, dtype)
 
     @cuda.jit
-    def kernel(q, k, v, gamma, scale, qbar, kbarT, vs, W, X, h, rr, g):
+    def kernel(q, k, v, gamma, scale, c, psum, Pp, X, h, rr, g):
         n = q.shape[1]
-        m = W.shape[1]
+        m = c.shape[1]
         blk = cuda.blockIdx.x
         p = blk // m
         I = blk - p * m
@@ -496,17 +567,19 @@ def _rows_kernel(b, d, dv, NT, dtype):
         ws = cuda.shared.array((BPS, DV2), nbt)  # value columns of the pass, then the h column
         us = cuda.shared.array(BP, nbt)
         minv = cuda.shared.array(BPS, nbt)
-        red = cuda.shared.array(RED, nbt)
-        qb = cuda.shared.array(d, nbt)
         Ps = cuda.shared.array(dv, nbt)
         if p >= q.shape[0]:
             return
         t0 = I * b
         T = min(n - t0, b)
         gam = gamma[p]
-        # pooled scores of block I against the earlier blocks, their shift and W's row I
-        cI, pooledI = pooled_row(qbar, kbarT, W, p, I, qb, red)
-        row_times(W, vs, p, I, Ps, red)  # P_I = sum_J W_IJ vsum_J
+        # the pooled part (the pooled-score tiles' kernels): shift, mass, P_I = sum_J W_IJ vsum_J
+        cI, pooledI = stats(c, psum, p, I)
+        for a in range(tid, dv, NT):
+            s = ZERO
+            for jt in range(I // PTl + 1):
+                s += Pp[p, jt, I, a]
+            Ps[a] = s  # read after tri_prod's barriers
         # the block: causal scores, normalised rows with the pooled mass, D and 1 / (1 - gamma D_tt)
         tri_prod(q, k, k, ZERO, p, t0, T, S, qs, ks, scale, us)
         row_stats(S, T, I > 0, cI, pooledI, gam, us, minv)
@@ -551,9 +624,11 @@ def _rows_kernel(b, d, dv, NT, dtype):
 
 
 @functools.cache
-def _reduced_kernel(NT, dtype, NB, CW1):
+def _reduced_kernel(NT, dtype, NB, CW1, with_lz):
     """``(I - diag(g) L) Z = R`` with ``L`` (B, m, m) strictly lower (its upper part is not read),
-    in diagonal blocks of ``NB`` rows, ``CW1 <= NT`` columns per thread block.
+    in diagonal blocks of ``NB`` rows, ``CW1 <= NT`` columns per thread block; ``with_lz``: also
+    ``LZ = L Z`` (``acc + L_JJ Z_J``, after the block's flag is up: off the serial chain), which
+    the forward's correction and the backward's ``G`` need (else ``LZ`` is not touched).
 
     Thread block ``J`` first inverts its diagonal block (by panels, as the within-block solve; no
     other block is needed, so this overlaps the wait), then adds ``L_{J,J'} Z_{J'}`` for each
@@ -575,7 +650,7 @@ def _reduced_kernel(NT, dtype, NB, CW1):
     from numba import int32
 
     @cuda.jit
-    def kernel(L, g, R, Z, sync):
+    def kernel(L, g, R, Z, LZ, sync):
         m = L.shape[1]
         kc = R.shape[2]
         mb = (m + NB - 1) // NB
@@ -647,6 +722,8 @@ def _reduced_kernel(NT, dtype, NB, CW1):
                             acc[r] += T1[i, kk] * z
             cuda.syncthreads()
         # 3. Z_J = D1 (R_J + g_J acc)
+        if with_lz:
+            load_L(L, p, j0, T, j0, m, T1)  # L_JJ again, for L Z below (T1 is free: barrier above)
         for r in range(RPT):
             i = rg + RG * r
             if act and i < NB:
@@ -655,67 +732,60 @@ def _reduced_kernel(NT, dtype, NB, CW1):
                     val = R[p, j0 + i, a0 + col] + gs[i] * acc[r]
                 Zs[i, col] = val
         cuda.syncthreads()
-        if act and a0 + col < kc:
-            for r in range(RPT):
-                i = rg + RG * r
-                if i < T:
-                    s0 = ZERO
-                    s1 = ZERO
-                    ll = 0
-                    while ll + 1 <= i:
-                        s0 += D1[i, ll] * Zs[ll, col]
-                        s1 += D1[i, ll + 1] * Zs[ll + 1, col]
-                        ll += 2
-                    if ll == i:
-                        s0 += D1[i, ll] * Zs[ll, col]
-                    Z[p, j0 + i, a0 + col] = s0 + s1
+        zv = cuda.local.array(RPT, nbt)
+        for r in range(RPT):
+            i = rg + RG * r
+            zr = ZERO
+            if act and a0 + col < kc and i < T:
+                s0 = ZERO
+                s1 = ZERO
+                ll = 0
+                while ll + 1 <= i:
+                    s0 += D1[i, ll] * Zs[ll, col]
+                    s1 += D1[i, ll + 1] * Zs[ll + 1, col]
+                    ll += 2
+                if ll == i:
+                    s0 += D1[i, ll] * Zs[ll, col]
+                zr = s0 + s1
+                Z[p, j0 + i, a0 + col] = zr
+            zv[r] = zr
         cuda.threadfence()
         cuda.syncthreads()
         if tid == 0:
             cuda.atomic.add(sync, flag0 + J, int32(1))
+        if with_lz:  # 4. (L Z)_J = acc + L_JJ Z_J
+            for r in range(RPT):
+                i = rg + RG * r
+                if act and i < NB:
+                    Zs[i, col] = zv[r]
+            cuda.syncthreads()
+            if act and a0 + col < kc:
+                for r in range(RPT):
+                    i = rg + RG * r
+                    if i < T:
+                        s0 = acc[r]
+                        for ll in range(i):
+                            s0 += T1[i, ll] * Zs[ll, col]
+                        LZ[p, j0 + i, a0 + col] = s0
 
     return kernel
 
 
 @functools.cache
 def _combine_kernel(b, dv, NT, dtype):
-    RED = max(NT, dv)
-    nbt = K._numba_type(dtype)
+    """``X <- (1 - gamma) (X + h (W Z)_I)`` in place, one element a thread (grid ``(ceil(n dv / NT),
+    B)``); ``W Z`` comes from the reduced kernel, so this is a pass over ``X`` and nothing else."""
     ONE = np.dtype(dtype).type(1)
-    row_times = _row_times(dv, NT, dtype)
-    IT = K._cdiv(b * dv, NT)  # elements of the block per thread
 
     @cuda.jit
-    def kernel(X, h, W, Z, gamma):
+    def kernel(X, h, WZ, gamma):
         n = X.shape[1]
-        m = W.shape[1]
-        blk = cuda.blockIdx.x
-        p = blk // m
-        I = blk - p * m
-        red = cuda.shared.array(RED, nbt)
-        wz = cuda.shared.array(dv, nbt)
-        hs = cuda.shared.array(b, nbt)
-        if p >= X.shape[0]:
-            return
-        t0 = I * b
-        T = min(n - t0, b)
-        for i in range(cuda.threadIdx.x, T, NT):
-            hs[i] = h[p, t0 + i]
-        row_times(W, Z, p, I, wz, red)  # starts and ends with a barrier
-        om = ONE - gamma[p]
-        buf = cuda.local.array(IT, nbt)
-        tid = cuda.threadIdx.x
-        for it in range(IT):  # every load in flight before the stores
-            e = tid + it * NT
-            i = e // dv
-            if i < T:
-                buf[it] = X[p, t0 + i, e - i * dv]
-        for it in range(IT):
-            e = tid + it * NT
-            i = e // dv
-            if i < T:
-                a = e - i * dv
-                X[p, t0 + i, a] = om * (buf[it] + hs[i] * wz[a])
+        p = cuda.blockIdx.y
+        e = cuda.blockIdx.x * NT + cuda.threadIdx.x
+        if p < X.shape[0] and e < n * dv:
+            t = e // dv  # constant divisors: multiplications
+            a = e - t * dv
+            X[p, t, a] = (ONE - gamma[p]) * (X[p, t, a] + h[p, t] * WZ[p, t // b, a])
 
     return kernel
 
@@ -725,7 +795,7 @@ def _combine_kernel(b, dv, NT, dtype):
 
 
 @functools.cache
-def _bsolve_kernel(b, d, dv, NT, dtype):
+def _bsolve_kernel(b, d, dv, NT, PTl, dtype):
     """The backward's within-block solve (float32, ``b <= MAX_BLOCK``), one thread block per (batch
     entry, block); as :func:`._kernels._backward_solve_kernel` (same arguments and outputs):
     ``[G0 | h'] = (I - gamma D)^{-T} [dX | gamma 1]``, ``dX = (1 - gamma) dy`` (it takes ``dy``), with
@@ -750,10 +820,11 @@ def _bsolve_kernel(b, d, dv, NT, dtype):
     update = _panel_update(SB, dtype, False)
     load = _tile_load(BP, DV1, NT, dtype)
     FMAX = np.dtype(dtype).type(np.finfo(dtype).max)
+    stats = _pooled_stats(PTl, b, dtype)
     from numba import int32
 
     @cuda.jit
-    def kernel(q, k, gamma, scale, c, pooled, dy, Dst, u, G0, hp, rr, gd, flags):
+    def kernel(q, k, gamma, scale, c, psum, dy, Dst, u, G0, hp, rr, gd, flags):
         n = q.shape[1]
         m = Dst.shape[1]
         blk = cuda.blockIdx.x
@@ -772,8 +843,9 @@ def _bsolve_kernel(b, d, dv, NT, dtype):
         T = min(n - t0, b)
         gam = gamma[p]
         om = ONE - gam
+        cI, pooledI = stats(c, psum, p, I)
         tri_prod(q, k, k, ZERO, p, t0, T, S, qs, ks, scale, us)
-        row_stats(S, T, I > 0, c[p, I], pooled[p, I], gam, us, minv)
+        row_stats(S, T, I > 0, cI, pooledI, gam, us, minv)
         for e in range(tid, T * T, NT):
             i = e // T
             j = e - i * T
@@ -1014,13 +1086,19 @@ def _layout(B, n, d, dv, b, nt, dt):
     cw = _reduced_width(mb, nt)
     nch = K._cdiv(dv, cw)
     nblk = _block_threads(b, nt)
+    PTl = _pooled_tile()
+    npt = K._cdiv(m, PTl)
+    ntt = (PTl // 4) ** 2
     bufs = {"X": (B, n, dv), "qbar": (B, m, d), "kbarT": (B, d, m), "vs": (B, m, dv), "W": (B, m, m),
-            "h": (B, n), "rr": (B, m, dv), "g": (B, m), "Z": (B, m, dv), "sync": (SYNC_HEAD + B * nch * mb,)}
+            "c": (B, m), "psum": (B, npt, m), "Pp": (B, npt, m, dv), "h": (B, n), "rr": (B, m, dv),
+            "g": (B, m), "Z": (B, m, dv), "WZ": (B, m, dv), "sync": (SYNC_HEAD + B * nch * mb,)}
     launches = [
-        (_means_kernel(b, nthr, dt), B * m, nthr, "q k v scale qbar kbarT vs sync"),
-        (_rows_kernel(b, d, dv, nblk, dt), B * m, nblk, "q k v gamma scale qbar kbarT vs W X h rr g"),
-        (_reduced_kernel(nthr, dt, NB, cw), B * nch * mb, nthr, "W g rr Z sync"),
-        (_combine_kernel(b, dv, nblk, dt), B * m, nblk, "X h W Z gamma"),
+        (_means_kernel(b, nthr, dt), B * m, nthr, "q k v scale qbar kbarT vs c sync"),
+        (_scores_kernel(d, PTl, dt), B * npt * npt, ntt, "qbar kbarT W c"),
+        (_softmax_kernel(PTl, dt), B * npt * npt, ntt, "W c vs psum Pp"),
+        (_rows_kernel(b, d, dv, nblk, PTl, dt), B * m, nblk, "q k v gamma scale c psum Pp X h rr g"),
+        (_reduced_kernel(nthr, dt, NB, cw, True), B * nch * mb, nthr, "W g rr Z WZ sync"),
+        (_combine_kernel(b, dv, nthr, dt), (K._cdiv(n * dv, nthr), B), nthr, "X h WZ gamma"),
     ]
     return bufs, [(kern, grid, nt_, names.split()) for kern, grid, nt_, names in launches]
 
@@ -1042,9 +1120,9 @@ def forward(xp, q, k, v, gamma, b, scale, *, nt=None):
 
 
 class _Plan:
-    """The forward's four launches at one shape, as raw parameter words with the pointers left to
-    fill: a call then allocates two buffers (the output and one workspace), patches the words and
-    launches, instead of building ten arrays and four argument lists in Python (0.1-0.2 ms)."""
+    """The forward's launches at one shape, as raw parameter words with the pointers left to fill: a
+    call then allocates two buffers (the output and one workspace), patches the words and launches,
+    instead of building a dozen arrays and six argument lists in Python (0.1-0.2 ms)."""
 
     def __init__(self, B, n, d, dv, b, dt):
         import cupy
@@ -1081,7 +1159,8 @@ class _Plan:
                     slots.append(pos + 4)  # (meminfo, parent, nitems, itemsize, data, shape, strides)
                     sources.append(nm)
                     pos += 5 + 2 * a.ndim
-            self.launches.append((fn, (grid, 1, 1), nthr, words, np.array(slots), sources))
+            grid3 = (grid + (1, 1))[:3] if isinstance(grid, tuple) else (grid, 1, 1)
+            self.launches.append((fn, grid3, nthr, words, np.array(slots), sources))
 
     def run(self, q, k, v, gamma, scale):
         """Queue the forward on CuPy's current stream; returns ``(Y, workspace, sync offset)``."""
@@ -1139,33 +1218,41 @@ def forward_checked(xp, q, k, v, gamma, b, scale, *, nt=None):
 
 
 def pooled(xp, q, k, v, b, scale, flags, *, nt=None):
-    """The pooled part for the backward, in two launches (means, then the rows of ``W``):
-    ``(c, W, pooled, qbar, kbarT)`` as :func:`._blockwise.pooled_scores` gives ``c``, ``W`` and
-    ``W @ sizes``, with ``qbar`` scaled by ``scale`` and ``kbar`` transposed.  ``flags[0:3]`` (int32,
-    zeroed by the caller) are set where q, k or v holds a non-finite value."""
+    """The pooled part for the backward, in three launches (means, the pooled-score tiles, their
+    softmax): ``(c, W, psum, qbar, kbarT)``, ``c`` and ``W`` as :func:`._blockwise.pooled_scores`
+    gives them, ``psum`` the tiles' row sums (:func:`_pooled_stats` reads them), ``qbar`` scaled by
+    ``scale``, ``kbar`` transposed.  ``flags[0:3]`` (int32, zeroed by the caller) are set where q, k
+    or v holds a non-finite value."""
     B, n, d = q.shape
     dt = q.dtype
+    dv = v.shape[2]
     m = K._cdiv(n, b)
     nthr = _threads(nt)
+    PTl = _pooled_tile()
+    npt = K._cdiv(m, PTl)
+    ntt = (PTl // 4) ** 2
     qbar = xp.empty((B, m, d), dtype=dt)
     kbarT = xp.empty((B, d, m), dtype=dt)
-    vs = xp.empty((B, m, v.shape[2]), dtype=dt)
+    vs = xp.empty((B, m, dv), dtype=dt)
     W = xp.empty((B, m, m), dtype=dt)
     c = xp.empty((B, m), dtype=dt)
-    pool = xp.empty((B, m), dtype=dt)
-    K._launch(_means_kernel(b, nthr, dt), B * m, nthr, None, (q, k, v, dt.type(scale), qbar, kbarT, vs, flags))
-    K._launch(_pooled_kernel(b, d, nthr, dt), B * m, nthr, None, (qbar, kbarT, W, c, pool))
-    return c, W, pool, qbar, kbarT
+    psum = xp.empty((B, npt, m), dtype=dt)
+    Pp = xp.empty((B, npt, m, dv), dtype=dt)
+    K._launch(_means_kernel(b, nthr, dt), B * m, nthr, None, (q, k, v, dt.type(scale), qbar, kbarT, vs, c, flags))
+    K._launch(_scores_kernel(d, PTl, dt), B * npt * npt, ntt, None, (qbar, kbarT, W, c))
+    K._launch(_softmax_kernel(PTl, dt), B * npt * npt, ntt, None, (W, c, vs, psum, Pp))
+    return c, W, psum, qbar, kbarT
 
 
-def backward_solve(q, k, gamma, b, scale, c, pooled, dy, Dst, u, G0, hp, rr, gd, flags, *, nt=None):
+def backward_solve(q, k, gamma, b, scale, c, psum, dy, Dst, u, G0, hp, rr, gd, flags, *, nt=None):
     """:func:`._kernels.backward_solve` by :func:`_bsolve_kernel`, on ``dy`` (it forms ``dX = (1 -
-    gamma) dy`` itself; ``flags[3]`` set where ``dy`` is not finite)."""
+    gamma) dy`` itself; ``flags[3]`` set where ``dy`` is not finite), with the pooled mass from
+    :func:`pooled`'s ``psum``."""
     B, n, d = q.shape
     nthr = _block_threads(b, nt)
-    kern = _bsolve_kernel(b, d, dy.shape[2], nthr, np.dtype(q.dtype))
+    kern = _bsolve_kernel(b, d, dy.shape[2], nthr, _pooled_tile(), np.dtype(q.dtype))
     K._launch(kern, B * K._cdiv(n, b), nthr, None,
-              (q, k, gamma, q.dtype.type(scale), c, pooled, dy, Dst, u, G0, hp, rr, gd, flags))
+              (q, k, gamma, q.dtype.type(scale), c, psum, dy, Dst, u, G0, hp, rr, gd, flags))
 
 
 def backward_grads(q, k, v, y, gamma, b, scale, Dst, u, G, hp, WtZ, dq, dk, dvv, Gu, asum, Rsum, gdx, Xsum, *,
@@ -1179,18 +1266,21 @@ def backward_grads(q, k, v, y, gamma, b, scale, Dst, u, G, hp, WtZ, dq, dk, dvv,
               (q, k, v, y, gamma, q.dtype.type(scale), Dst, u, G, hp, WtZ, dq, dk, dvv, Gu, asum, Rsum, gdx, Xsum))
 
 
-def reduced_solve(xp, L, g, R, *, nt=None):
+def reduced_solve(xp, L, g, R, *, with_product=False, nt=None):
     """``Z = (I - diag(g) L)^{-1} R`` for C-contiguous float32 ``L`` (B, m, m) strictly lower (its
-    upper part is not read), ``g`` (B, m), ``R`` (B, m, k): :func:`_reduced_kernel` in one launch."""
+    upper part is not read), ``g`` (B, m), ``R`` (B, m, k): :func:`_reduced_kernel` in one launch.
+    ``with_product``: ``(Z, L Z)``."""
     B, m, kc = R.shape
     nthr = _threads(nt)
     mb = K._cdiv(m, NB)
     cw = _reduced_width(mb, nt)
     nch = K._cdiv(kc, cw)
     Z = xp.empty((B, m, kc), dtype=R.dtype)
+    LZ = xp.empty((B, m, kc) if with_product else (1, 1, 1), dtype=R.dtype)  # not touched unless wanted
     sync = xp.zeros(SYNC_HEAD + B * nch * mb, dtype=np.int32)
-    K._launch(_reduced_kernel(nthr, np.dtype(R.dtype), NB, cw), B * nch * mb, nthr, None, (L, g, R, Z, sync))
-    return Z
+    K._launch(_reduced_kernel(nthr, np.dtype(R.dtype), NB, cw, with_product), B * nch * mb, nthr, None,
+              (L, g, R, Z, LZ, sync))
+    return (Z, LZ) if with_product else Z
 
 
 def raise_nonfinite(bad, names=("q", "k", "v")):
