@@ -624,6 +624,20 @@ def _rows_kernel(b, d, dv, NT, PTl, dtype):
 
 
 @functools.cache
+def _rows_prod(NB, RG, RPT):
+    """Device function: ``acc[r] += sum_{kk < NB} A[rg + RG r, kk] Zs[kk, col]`` for ``r < RPT``,
+    unrolled on unsigned indices (every shared read a base plus a constant; rows past ``NB`` read
+    row ``NB - 1``, and their sums are never used)."""
+    L = ["def prod(A, Zs, rg, col, acc):", "    rgu = uint64(rg)", "    cu = uint64(col)"]
+    L += [f"    x{r} = min(rgu + U{RG * r}, U{NB - 1})" for r in range(RPT)]
+    L += [f"    s{r} = acc[{r}]" for r in range(RPT)]
+    for kk in range(NB):
+        L += [f"    z = Zs[U{kk}, cu]"] + [f"    s{r} += A[x{r}, U{kk}] * z" for r in range(RPT)]
+    L += [f"    acc[{r}] = s{r}" for r in range(RPT)]
+    return K.generated("prod", L, nconst=max(NB, RG * RPT))
+
+
+@functools.cache
 def _reduced_kernel(NT, dtype, NB, CW1, with_lz):
     """``(I - diag(g) L) Z = R`` with ``L`` (B, m, m) strictly lower (its upper part is not read),
     in diagonal blocks of ``NB`` rows, ``CW1 <= NT`` columns per thread block; ``with_lz``: also
@@ -647,6 +661,7 @@ def _reduced_kernel(NT, dtype, NB, CW1, with_lz):
     load_Z = _tile_load(NB, CW1, NT, dtype)
     inv_panel = _inverse_panel(SB)
     inv_update = _panel_update(SB, dtype, True)
+    prod = _rows_prod(NB, RG, RPT)
     from numba import int32
 
     @cuda.jit
@@ -713,17 +728,17 @@ def _reduced_kernel(NT, dtype, NB, CW1, with_lz):
             cuda.syncthreads()
             load_Z(Z, p, k0, NB, a0, kc, Zs)
             cuda.syncthreads()
-            if act:
-                for kk in range(NB):
-                    z = Zs[kk, col]
-                    for r in range(RPT):
-                        i = rg + RG * r
-                        if i < T:
-                            acc[r] += T1[i, kk] * z
+            if act:  # rows of T1 past T are zero
+                prod(T1, Zs, rg, col, acc)
             cuda.syncthreads()
         # 3. Z_J = D1 (R_J + g_J acc)
-        if with_lz:
-            load_L(L, p, j0, T, j0, m, T1)  # L_JJ again, for L Z below (T1 is free: barrier above)
+        if with_lz:  # L_JJ's strict lower part again, for L Z below (T1 is free: barrier above)
+            load_L(L, p, j0, T, j0, m, T1)
+            cuda.syncthreads()
+            for e in range(tid, NB * NB, NT):
+                i = e // NB
+                if e - i * NB >= i:
+                    T1[i, e - i * NB] = ZERO
         for r in range(RPT):
             i = rg + RG * r
             if act and i < NB:
@@ -734,21 +749,14 @@ def _reduced_kernel(NT, dtype, NB, CW1, with_lz):
         cuda.syncthreads()
         zv = cuda.local.array(RPT, nbt)
         for r in range(RPT):
-            i = rg + RG * r
-            zr = ZERO
-            if act and a0 + col < kc and i < T:
-                s0 = ZERO
-                s1 = ZERO
-                ll = 0
-                while ll + 1 <= i:
-                    s0 += D1[i, ll] * Zs[ll, col]
-                    s1 += D1[i, ll + 1] * Zs[ll + 1, col]
-                    ll += 2
-                if ll == i:
-                    s0 += D1[i, ll] * Zs[ll, col]
-                zr = s0 + s1
-                Z[p, j0 + i, a0 + col] = zr
-            zv[r] = zr
+            zv[r] = ZERO
+        if act:  # D1 is zero above its diagonal, Zs past T and past the columns
+            prod(D1, Zs, rg, col, zv)
+            if a0 + col < kc:
+                for r in range(RPT):
+                    i = rg + RG * r
+                    if i < T:
+                        Z[p, j0 + i, a0 + col] = zv[r]
         cuda.threadfence()
         cuda.syncthreads()
         if tid == 0:
@@ -760,32 +768,51 @@ def _reduced_kernel(NT, dtype, NB, CW1, with_lz):
                     Zs[i, col] = zv[r]
             cuda.syncthreads()
             if act and a0 + col < kc:
+                prod(T1, Zs, rg, col, acc)
                 for r in range(RPT):
                     i = rg + RG * r
                     if i < T:
-                        s0 = acc[r]
-                        for ll in range(i):
-                            s0 += T1[i, ll] * Zs[ll, col]
-                        LZ[p, j0 + i, a0 + col] = s0
+                        LZ[p, j0 + i, a0 + col] = acc[r]
 
     return kernel
 
 
 @functools.cache
+def _combine_apply(b, dv, NT, dtype):
+    """Device function: ``X[p, t0 + i, a] = om (X + h[p, t0 + i] WZ[p, I, a])`` over block ``I``'s
+    ``T x dv`` entries, unrolled: a thread issues all its loads (``ceil(b dv / NT)`` of ``X``) before
+    its stores, so that enough bytes are in flight to run at the memory's rate."""
+    EPT = K._cdiv(b * dv, NT)
+    L = ["def apply(X, h, WZ, p, I, t0, T, om):", "    tid = uint64(cuda.threadIdx.x)", "    pu = uint64(p)",
+         "    Iu = uint64(I)", "    tu = uint64(t0)", "    Tu = uint64(T)"]
+    for it in range(EPT):
+        L += [f"    e{it} = tid + U{it * NT}" if it else "    e0 = tid", f"    i{it} = e{it} // UDV",
+              f"    a{it} = e{it} - i{it} * UDV", f"    ok{it} = i{it} < Tu", f"    x{it} = ZERO", f"    y{it} = ZERO",
+              f"    if ok{it}:", f"        x{it} = X[pu, tu + i{it}, a{it}]",
+              f"        y{it} = h[pu, tu + i{it}] * WZ[pu, Iu, a{it}]"]
+    for it in range(EPT):
+        L += [f"    if ok{it}:", f"        X[pu, tu + i{it}, a{it}] = om * (x{it} + y{it})"]
+    return K.generated("apply", L, {"ZERO": np.dtype(dtype).type(0), "UDV": np.uint64(dv)},
+                       nconst=(EPT - 1) * NT + 1)
+
+
+@functools.cache
 def _combine_kernel(b, dv, NT, dtype):
-    """``X <- (1 - gamma) (X + h (W Z)_I)`` in place, one element a thread (grid ``(ceil(n dv / NT),
-    B)``); ``W Z`` comes from the reduced kernel, so this is a pass over ``X`` and nothing else."""
+    """``X <- (1 - gamma) (X + h (W Z)_I)`` in place, one thread block per (batch entry, block);
+    ``W Z`` comes from the reduced kernel, so this is one pass over ``X`` and nothing else."""
     ONE = np.dtype(dtype).type(1)
+    apply = _combine_apply(b, dv, NT, dtype)
 
     @cuda.jit
     def kernel(X, h, WZ, gamma):
         n = X.shape[1]
-        p = cuda.blockIdx.y
-        e = cuda.blockIdx.x * NT + cuda.threadIdx.x
-        if p < X.shape[0] and e < n * dv:
-            t = e // dv  # constant divisors: multiplications
-            a = e - t * dv
-            X[p, t, a] = (ONE - gamma[p]) * (X[p, t, a] + h[p, t] * WZ[p, t // b, a])
+        m = WZ.shape[1]
+        blk = cuda.blockIdx.x
+        p = blk // m
+        I = blk - p * m
+        if p < X.shape[0]:
+            t0 = I * b
+            apply(X, h, WZ, p, I, t0, min(n - t0, b), ONE - gamma[p])
 
     return kernel
 
@@ -1098,7 +1125,7 @@ def _layout(B, n, d, dv, b, nt, dt):
         (_softmax_kernel(PTl, dt), B * npt * npt, ntt, "W c vs psum Pp"),
         (_rows_kernel(b, d, dv, nblk, PTl, dt), B * m, nblk, "q k v gamma scale c psum Pp X h rr g"),
         (_reduced_kernel(nthr, dt, NB, cw, True), B * nch * mb, nthr, "W g rr Z WZ sync"),
-        (_combine_kernel(b, dv, nthr, dt), (K._cdiv(n * dv, nthr), B), nthr, "X h WZ gamma"),
+        (_combine_kernel(b, dv, nthr, dt), B * m, nthr, "X h WZ gamma"),
     ]
     return bufs, [(kern, grid, nt_, names.split()) for kern, grid, nt_, names in launches]
 
