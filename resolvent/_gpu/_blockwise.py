@@ -224,9 +224,6 @@ def backward(xp, q, k, v, gamma, b, scale, dy, y=None, *, stream=None, nt=None, 
         if flags is None:
             flags = xp.zeros(_fused.SYNC_HEAD, dtype=np.int32)
         c, W, psum, sqbar, kbarT = _fused.pooled(xp, q, k, v, b, scale, flags, nt=nt)
-        sizes = xp.full(m, b, dtype=dt)
-        sizes[-1] = n - (m - 1) * b
-        skbar = s * xp.swapaxes(kbarT, -1, -2)
     else:
         c, W, sizes, qbar, kbar = pooled_scores(xp, q, k, b, scale)
         pooled = W @ sizes
@@ -255,12 +252,13 @@ def backward(xp, q, k, v, gamma, b, scale, dy, y=None, *, stream=None, nt=None, 
         Xsum = xp.empty((B, m, dvdim), dtype=dt)
         _fused.backward_grads(q, k, v, y, gamma, b, scale, Dst, u, G, hp, WtZ, dq, dk, dvv, Gu, asum,
                               Rsum, gdx, Xsum, nt=nt)
-        ydy = batch_dot(xp, dy, y) / (1 - gamma)
-    else:
-        K.backward_grads(q, k, v, X, gamma, b, scale, Dst, u, G, hp, WtZ, dq, dk, dvv, Gu, asum, Rsum,
-                         gdx, nt=nt)
-        Xsum = block_sums(xp, X, b)
-        ydy = batch_dot(xp, dy, X)
+        # the pooled corrections and dgamma: two launches (about 25 CuPy calls below)
+        dgamma = _fused.pooled_grads(xp, W, Gu, Rsum, asum, sqbar, kbarT, gdx, Xsum, dy, y, gamma, b, scale,
+                                     dq, dk, dvv, nt=nt)
+        return dq, dk, dvv, dgamma
+    K.backward_grads(q, k, v, X, gamma, b, scale, Dst, u, G, hp, WtZ, dq, dk, dvv, Gu, asum, Rsum, gdx, nt=nt)
+    Xsum = block_sums(xp, X, b)
+    ydy = batch_dot(xp, dy, X)
     dsigma = W * (Gu @ xp.swapaxes(Rsum, -1, -2) - asum[..., None] * sizes)
     add_per_block(xp, dq, (dsigma @ skbar) / sizes[:, None], b)
     add_per_block(xp, dk, (xp.swapaxes(dsigma, -1, -2) @ sqbar) / sizes[:, None], b)

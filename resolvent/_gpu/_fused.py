@@ -326,15 +326,17 @@ def _means_kernel(b, NT, dtype):
 
 
 @functools.cache
-def _rect_inner(TPW, KC):
+def _rect_inner(TPW, KC, ta=False, tb=False):
     """Device function: ``KC`` steps of a thread's 4 x 4 register tile of ``A Bm`` (rows ``ti + TPW
-    r``, columns ``tj + TPW c``; ``A`` shared ``[row, k]``, ``Bm`` shared ``[k, column]``), unrolled:
-    8 shared reads and 16 multiply-adds a step, and nothing else."""
+    r``, columns ``tj + TPW c``; ``A`` shared ``[row, k]`` (``[k, row]`` when ``ta``), ``Bm`` shared
+    ``[k, column]`` (``[column, k]`` when ``tb``)), unrolled: 8 shared reads and 16 multiply-adds a
+    step, and nothing else."""
     acc = [f"a{r}{c}" for r in range(4) for c in range(4)]
     L = [f"def inner(A, Bm, ti, tj, {', '.join(acc)}):", "    i0 = uint64(ti)", "    j0 = uint64(tj)"]
     L += [f"    i{r} = i{r - 1} + UTPW" for r in range(1, 4)] + [f"    j{r} = j{r - 1} + UTPW" for r in range(1, 4)]
     for c in range(KC):
-        L += [f"    x{r} = A[i{r}, U{c}]" for r in range(4)] + [f"    y{q} = Bm[U{c}, j{q}]" for q in range(4)]
+        L += [f"    x{r} = A[U{c}, i{r}]" if ta else f"    x{r} = A[i{r}, U{c}]" for r in range(4)]
+        L += [f"    y{q} = Bm[j{q}, U{c}]" if tb else f"    y{q} = Bm[U{c}, j{q}]" for q in range(4)]
         L += [f"    a{r}{q} += x{r} * y{q}" for r in range(4) for q in range(4)]
     L += [f"    return ({', '.join(acc)})"]
     return K.generated("inner", L, {"UTPW": np.uint64(TPW)}, nconst=KC)
@@ -1098,6 +1100,203 @@ def _grads_kernel(b, d, dv, NT, dtype):
 
     K.LAUNCH_BOUNDS[id(kernel)] = (NT, max(1, 1024 // NT))
     return kernel
+
+
+@functools.cache
+def _dsig_store(TPW, dtype):
+    """Device function: a thread's 4 x 4 tile of ``dsigma = W * (Gu Rsum^T - asum size^T)`` into
+    shared ``A`` (zero outside the ``m x m`` matrix), from the accumulated ``Gu Rsum^T``."""
+    acc = [f"a{r}{c}" for r in range(4) for c in range(4)]
+    L = [f"def store(W, A, as_, sz, p, I0, J0, m, ti, tj, {', '.join(acc)}):", "    pu = uint64(p)"]
+    L += [f"    i{r} = uint64(ti + {TPW * r})" for r in range(4)] + [f"    j{c} = uint64(tj + {TPW * c})" for c in range(4)]
+    L += [f"    row{r} = uint64(I0) + i{r}" for r in range(4)] + [f"    col{c} = uint64(J0) + j{c}" for c in range(4)]
+    L += ["    mu = uint64(m)"]
+    for r in range(4):
+        for c in range(4):
+            L += ["    w = ZERO", f"    if row{r} < mu and col{c} < mu:", f"        w = W[pu, row{r}, col{c}]",
+                  f"    A[i{r}, j{c}] = w * (a{r}{c} - as_[i{r}] * sz[j{c}])"]
+    return K.generated("store", L, {"ZERO": np.dtype(dtype).type(0)})
+
+
+@functools.cache
+def _pgrad_kernel(d, dv, PTl, b, dtype):
+    """The pooled part of the backward, tile by tile as :func:`_scores_kernel` (the tiles on and
+    below the diagonal of ``W``): ``dsigma = W * (Gu Rsum^T - asum size^T)`` and the tile's shares of
+    ``dsigma kbar`` (rows, into ``dqp[p, jt]``), ``dsigma^T qbar`` (columns, into ``dkp[p, it]``) and
+    ``W^T Gu`` (columns, into ``dvp[p, it]``); :func:`_pgrad_apply_kernel` sums the shares."""
+    TPW = PTl // 4
+    NTT = TPW * TPW
+    PT1 = PTl + 1
+    nbt = K._numba_type(dtype)
+    ZERO = np.dtype(dtype).type(0)
+    BF = np.dtype(dtype).type(b)
+    inner_bt = _rect_inner(TPW, PTl, False, True)
+    inner_at = _rect_inner(TPW, PTl, True, False)
+    store = _rect_store(TPW, dtype, False)
+    dsig = _dsig_store(TPW, dtype)
+    load = _tile_load(PTl, PTl, NTT, dtype)
+
+    @cuda.jit
+    def kernel(W, Gu, Rsum, asum, sqbar, kbarT, n, dqp, dkp, dvp):
+        m = W.shape[1]
+        nt = (m + PTl - 1) // PTl
+        blk = cuda.blockIdx.x
+        p = blk // (nt * nt)
+        rest = blk - p * nt * nt
+        it = rest // nt
+        jt = rest - it * nt
+        tid = cuda.threadIdx.x
+        A = cuda.shared.array((PTl, PT1), nbt)
+        Bs = cuda.shared.array((PTl, PT1), nbt)
+        as_ = cuda.shared.array(PTl, nbt)
+        sz = cuda.shared.array(PTl, nbt)
+        if p >= W.shape[0] or jt > it:
+            return
+        I0 = it * PTl
+        J0 = jt * PTl
+        TI = min(m - I0, PTl)
+        TJ = min(m - J0, PTl)
+        ti = tid // TPW
+        tj = tid - ti * TPW
+        last = n - (m - 1) * b  # the last block's size; the others are full
+        for i in range(tid, PTl, NTT):
+            as_[i] = asum[p, I0 + i] if i < TI else ZERO
+            sz[i] = BF if J0 + i < m - 1 else last
+        z = ZERO
+        acc = (z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z)
+        for k0 in range(0, dv, PTl):  # Gu_I Rsum_J^T
+            load(Gu, p, I0, TI, k0, dv, A)
+            load(Rsum, p, J0, TJ, k0, dv, Bs)
+            cuda.syncthreads()
+            acc = inner_bt(A, Bs, ti, tj, *acc)
+            cuda.syncthreads()
+        dsig(W, A, as_, sz, p, I0, J0, m, ti, tj, *acc)
+        for a0 in range(0, d, PTl):  # rows I: dsigma kbar_J
+            load(kbarT, p, a0, min(d - a0, PTl), J0, m, Bs)
+            cuda.syncthreads()
+            acc = inner_bt(A, Bs, ti, tj, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z)
+            store(dqp, A, p, jt, I0, m, a0, d, ti, tj, *acc)
+            cuda.syncthreads()
+        for a0 in range(0, d, PTl):  # columns J: dsigma^T qbar_I
+            load(sqbar, p, I0, TI, a0, d, Bs)
+            cuda.syncthreads()
+            acc = inner_at(A, Bs, ti, tj, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z)
+            store(dkp, A, p, it, J0, m, a0, d, ti, tj, *acc)
+            cuda.syncthreads()
+        load(W, p, I0, TI, J0, m, A)  # columns J: W^T Gu_I
+        for c0 in range(0, dv, PTl):
+            load(Gu, p, I0, TI, c0, dv, Bs)
+            cuda.syncthreads()
+            acc = inner_at(A, Bs, ti, tj, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z)
+            store(dvp, A, p, it, J0, m, c0, dv, ti, tj, *acc)
+            cuda.syncthreads()
+
+    return kernel
+
+
+@functools.cache
+def _block_rows(b, C, NT, dtype, mode):
+    """Device function over block rows ``t0 .. t0 + T - 1`` of ``X`` (B, n, C), unrolled, every load
+    issued before the first use: ``mode == "add"``: ``X[p, t, c] += vec[c]`` (returns 0);
+    ``mode == "dot"``: returns the thread's share of ``sum X * vec`` (``vec`` an array like ``X``)."""
+    EPT = K._cdiv(b * C, NT)
+    L = ["def rows(X, vec, p, t0, T):", "    tid = uint64(cuda.threadIdx.x)", "    pu = uint64(p)", "    tu = uint64(t0)",
+         "    Tu = uint64(T)", "    s = ZERO"]
+    for it in range(EPT):
+        L += [f"    e{it} = tid + U{it * NT}" if it else "    e0 = tid", f"    i{it} = e{it} // UC",
+              f"    c{it} = e{it} - i{it} * UC", f"    ok{it} = i{it} < Tu", f"    x{it} = ZERO", f"    y{it} = ZERO",
+              f"    if ok{it}:", f"        x{it} = X[pu, tu + i{it}, c{it}]"]
+        L += [f"        y{it} = vec[pu, tu + i{it}, c{it}]" if mode == "dot" else f"        y{it} = vec[c{it}]"]
+    for it in range(EPT):
+        if mode == "dot":
+            L += [f"    s += x{it} * y{it}"]
+        else:
+            L += [f"    if ok{it}:", f"        X[pu, tu + i{it}, c{it}] = x{it} + y{it}"]
+    L += ["    return s"]
+    return K.generated("rows", L, {"ZERO": np.dtype(dtype).type(0), "UC": np.uint64(C)}, nconst=(EPT - 1) * NT + 1)
+
+
+@functools.cache
+def _pgrad_apply_kernel(b, d, dv, NT, PTl, dtype):
+    """One thread block per (batch entry, block ``K``): the pooled corrections of block ``K`` (the
+    shares of :func:`_pgrad_kernel` summed, ``dq`` scaled by ``scale / size_K``, ``dk`` by
+    ``1 / size_K``) added to its rows of ``dq``, ``dk``, ``dvv``, and the block's share of
+    ``dgamma``: ``gdx_K + Xsum_K . (W^T Gu)_K - sum_{t in K} dy_t . y_t / (1 - gamma)`` into
+    ``gsum[p, K]``."""
+    nbt = K._numba_type(dtype)
+    ZERO = np.dtype(dtype).type(0)
+    ONE = np.dtype(dtype).type(1)
+    add_q = _block_rows(b, d, NT, dtype, "add")
+    add_v = _block_rows(b, dv, NT, dtype, "add")
+    dot = _block_rows(b, dv, NT, dtype, "dot")
+    rsum = _block_reduce(NT, dtype, False)
+
+    @cuda.jit
+    def kernel(dq, dk, dvv, dqp, dkp, dvp, Xsum, gdx, dy, y, gamma, scale, gsum):
+        n = dq.shape[1]
+        m = Xsum.shape[1]
+        npt = (m + PTl - 1) // PTl
+        blk = cuda.blockIdx.x
+        p = blk // m
+        Kb = blk - p * m
+        tid = cuda.threadIdx.x
+        vq = cuda.shared.array(d, nbt)
+        vk = cuda.shared.array(d, nbt)
+        vv = cuda.shared.array(dv, nbt)
+        red = cuda.shared.array(NT, nbt)
+        if p >= dq.shape[0]:
+            return
+        t0 = Kb * b
+        T = min(n - t0, b)
+        inv = ONE / T  # the block's size
+        jK = Kb // PTl
+        for a in range(tid, d, NT):
+            s1 = ZERO
+            for jt in range(jK + 1):
+                s1 += dqp[p, jt, Kb, a]
+            s2 = ZERO
+            for it in range(jK, npt):
+                s2 += dkp[p, it, Kb, a]
+            vq[a] = scale * inv * s1
+            vk[a] = inv * s2
+        part = ZERO
+        for c in range(tid, dv, NT):
+            s3 = ZERO
+            for it in range(jK, npt):
+                s3 += dvp[p, it, Kb, c]
+            vv[c] = s3
+            part += Xsum[p, Kb, c] * s3
+        part -= dot(dy, y, p, t0, T) / (ONE - gamma[p])
+        cuda.syncthreads()
+        add_q(dq, vq, p, t0, T)
+        add_q(dk, vk, p, t0, T)
+        add_v(dvv, vv, p, t0, T)
+        tot = rsum(red, part)
+        if tid == 0:
+            gsum[p, Kb] = gdx[p, Kb] + tot
+
+    return kernel
+
+
+def pooled_grads(xp, W, Gu, Rsum, asum, sqbar, kbarT, gdx, Xsum, dy, y, gamma, b, scale, dq, dk, dvv, *, nt=None):
+    """The backward's pooled part in two launches (:func:`_pgrad_kernel`, :func:`_pgrad_apply_kernel`):
+    adds the pooled corrections to ``dq``, ``dk``, ``dvv`` in place and returns ``dgamma`` (B,)."""
+    B, n, d = dq.shape
+    dv = dvv.shape[2]
+    m = W.shape[1]
+    dt = dq.dtype
+    PTl = _pooled_tile()
+    npt = K._cdiv(m, PTl)
+    nthr = _threads(nt)
+    dqp = xp.empty((B, npt, m, d), dtype=dt)
+    dkp = xp.empty((B, npt, m, d), dtype=dt)
+    dvp = xp.empty((B, npt, m, dv), dtype=dt)
+    gsum = xp.empty((B, m), dtype=dt)
+    K._launch(_pgrad_kernel(d, dv, PTl, b, dt), B * npt * npt, (PTl // 4) ** 2, None,
+              (W, Gu, Rsum, asum, sqbar, kbarT, n, dqp, dkp, dvp))
+    K._launch(_pgrad_apply_kernel(b, d, dv, nthr, PTl, dt), B * m, nthr, None,
+              (dq, dk, dvv, dqp, dkp, dvp, Xsum, gdx, dy, y, gamma, dt.type(scale), gsum))
+    return gsum.sum(axis=-1)
 
 
 # --------------------------------------------------------------------------------------------------
