@@ -278,3 +278,12 @@ def test_raw_launch_parameters_follow_numbas_abi():
     expect += [np.float32(1.5).view(np.uint32), np.float64(-2.0).view(np.uint64), 7, np.int64(-1).view(np.uint64)]
     assert words.tolist() == [int(w) for w in expect]
     assert K._fast_args((np.zeros(3),)) is None  # a host array: numba's own launch (the simulator)
+    # the same layout again (the kept words): only the pointers and scalars change
+    key2, words2 = K._fast_args((_FakeCupyArray(rev, 8192), np.float32(-0.25), np.float64(3.0), 9, 5))
+    expect2 = list(expect)
+    expect2[4] = 8192
+    expect2[-4:] = [np.float32(-0.25).view(np.uint32), np.float64(3.0).view(np.uint64), 9, 5]
+    assert key2 == key and words2.tolist() == [int(w) for w in expect2]
+    assert words.tolist() == [int(w) for w in expect]  # the first call's words are its own
+    big = 2**64 - 256  # a pointer above 2**63 survives the word buffer
+    assert int(K._fast_args((_FakeCupyArray(base, big),))[1][4]) == big
