@@ -6,8 +6,8 @@ Run from the repository root, no install needed::
 
 1. prints the GPU and driver; 2. checks every method (forward and backward; dense, exact,
 blockwise) against the float64 CPU result at small sizes (relative 1e-4 in float32); 3. runs
-``tests/test_gpu_cupy.py``; 4. runs ``compute-sanitizer`` (memcheck, racecheck) over a small
-invocation of the kernels; 5. times with CUDA events (median of many runs after warm-up) at d = 64,
+``compute-sanitizer`` (memcheck, racecheck) over a small invocation of the kernels; 4. runs
+``tests/test_gpu_cupy.py``; 5. times with CUDA events (median of many runs after warm-up) at d = 64,
 float32: blockwise forward and backward, exact forward, PyTorch's dense chain attention (softmax then
 ``torch.linalg.solve_triangular``) and ``scaled_dot_product_attention`` in float32 and bfloat16, with
 the floor of each shape (bytes over the measured copy bandwidth, flops over the measured float32
@@ -394,8 +394,10 @@ def main():
     say("")
     say("Produced by `PYTHONPATH=. python3 benchmarks/gpu_bench.py` (one device call).")
     status = {}
-    for name, fn in (("device", gpu_info), ("correctness", correctness), ("pytest", run_pytest),
-                     ("timings", lambda: timings(args.quick)), ("sanitize", run_sanitizers)):
+    # the sanitizers before the long sections: a call cut short by the device's time limit (the
+    # whole script takes 8-9 minutes on the H200) keeps them
+    for name, fn in (("device", gpu_info), ("correctness", correctness), ("sanitize", run_sanitizers),
+                     ("pytest", run_pytest), ("timings", lambda: timings(args.quick))):
         if name in skip:
             continue
         t0 = time.time()
