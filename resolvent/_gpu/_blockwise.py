@@ -2,7 +2,9 @@
 
 Written against an array namespace ``xp``: CuPy on a device, NumPy under the CUDA simulator (the
 kernels then run simulated), so the tests exercise the same code path without a GPU.  The maths is
-``resolvent/attention/_blockwise.py`` (and ``docs/chain_attention.md``); what runs where:
+``resolvent/attention/_blockwise.py`` (and ``docs/chain_attention.md``).  float32 with blocks of
+at most :data:`._kernels.MAX_BLOCK` runs the kernels of :mod:`._fused` forward and backward; other
+dtypes run:
 
 - within-block work (scores, softmax with the pooled normaliser, ``U = D V + u P``, the block's
   triangular solve and its block sums): one fused kernel, :func:`._kernels.forward_within`;
@@ -173,7 +175,7 @@ def lower_solve(xp, M, R, *, lower=True, stream=None, nt=None):
 def forward(xp, q, k, v, gamma, b, scale, *, stream=None, nt=None):
     """Blockwise chain attention on flattened inputs: q, k (B, n, d), v (B, n, dv), gamma (B,).
 
-    float32 with ``b <= MAX_BLOCK`` runs the four-launch pipeline of :mod:`._fused`, which also
+    float32 with ``b <= MAX_BLOCK`` runs the six-launch pipeline of :mod:`._fused`, which also
     checks that q, k, v are finite (``ValueError``); other cases the kernels below.
     """
     if _fused.supported(q.dtype, b):

@@ -1,30 +1,36 @@
-"""The float32 forward of blockwise chain attention in four kernel launches (``docs/gpu.md``).
+"""The float32 blockwise chain attention in six kernel launches forward, eight backward (``docs/gpu.md``).
 
 The maths is that of :mod:`resolvent._gpu._blockwise` (SPEC 2.2, the Woodbury form); this module
-only reorganises where it runs, so that a forward pass is four launches and no library calls:
+only reorganises where it runs, so that a forward pass is six launches and no library calls:
 
 1. :func:`_means_kernel`, one thread block per (batch entry, block): the block means ``qbar``
-   (scaled) and ``kbar`` (stored transposed, ``kbarT[p, :, J]``, so that the pooled scores read it
-   coalesced), the block sums of ``v``, and a finiteness check of ``q``, ``k``, ``v`` (a block sum
-   is finite exactly when its entries are, short of overflow), reported through ``sync[0:3]``.
-2. :func:`_rows_kernel`, one thread block per (batch entry, block ``I``): the pooled scores
-   ``sigma_IJ = qbar_I . kbar_J`` (J < I), their shift ``c_I``, ``W_IJ = exp(sigma_IJ - c_I)``
-   (written out for steps 3-4), the pooled mass and ``P_I = sum_J W_IJ vsum_J``; then the causal
-   scores of the block (register-tiled, :func:`._kernels._tri_prod`), the row normalisers and
-   ``D``; then the block's forward substitution with ``I - gamma D`` on ``[U | gamma u]`` by
-   panels of ``PANEL`` rows: inside a panel one thread per column substitutes (a column needs no
-   other column), then every thread adds the panel's rows to the rows below.  Two barriers per
-   panel, where the old kernel had one per row.
-3. :func:`_reduced_kernel`: the reduced unit lower-triangular system ``(I - diag(g) W) Z = R``,
-   blocked in ``NB`` rows.  Thread block ``(p, chunk, J)`` first inverts its diagonal block, then
-   multiplies its rows of ``W`` with each finished earlier block ``Z_J'`` as soon as that block's
-   flag is up, applies the inverse and raises its own flag.  Thread blocks take their ``(p, chunk, J)``
-   from an atomic ticket, so every block a thread block waits for was started before it: no
-   deadlock whatever the scheduling, and the serial chain is ``m / NB`` short steps.
-4. :func:`_combine_kernel`: ``(W Z)_I`` and ``X <- (1 - gamma) (X + h (W Z)_I)`` in place.
+   (scaled) and ``kbar`` (stored transposed, ``kbarT[p, :, J]``, so that the pooled tiles read it
+   coalesced), the block sums of ``v``, ``c = -inf``, and a finiteness check of ``q``, ``k``, ``v``
+   (a block sum is finite exactly when its entries are, short of overflow), reported through
+   ``sync[0:3]``.
+2. :func:`_scores_kernel`: the pooled scores ``sigma_IJ = qbar_I . kbar_J`` in ``PT x PT`` tiles
+   (register-tiled, one thread block per tile on or below the diagonal), raw into ``W`` below the
+   diagonal (zeros elsewhere), each row's largest into ``c`` (atomic maximum).
+3. :func:`_softmax_kernel`: the same tiles: ``W_IJ = exp(sigma_IJ - c_I)`` in place, and each tile's
+   row sums and share of ``P_I = sum_J W_IJ vsum_J`` (summed by their readers: no atomics).
+4. :func:`_rows_kernel`, one thread block per (batch entry, block ``I``): the pooled shift, mass and
+   ``P_I`` from step 3; the causal scores of the block (register-tiled,
+   :func:`._kernels._tri_prod`), the row normalisers and ``D``; then the block's forward
+   substitution with ``I - gamma D`` on ``[U | gamma u]`` by panels of ``PANEL`` rows: inside a
+   panel one thread per column substitutes (a column needs no other column), then every thread adds
+   the panel's rows to the rows below.  Two barriers per panel, where the old kernel had one per row.
+5. :func:`_reduced_kernel`: the reduced unit lower-triangular system ``(I - diag(g) W) Z = R``,
+   blocked in ``NB`` rows, and ``W Z``.  Thread block ``(p, chunk, J)`` first inverts its diagonal
+   block, then multiplies its rows of ``W`` with each finished earlier block ``Z_J'`` as soon as that
+   block's flag is up, applies the inverse and raises its own flag.  Thread blocks take their
+   ``(p, chunk, J)`` from an atomic ticket, so every block a thread block waits for was started
+   before it: no deadlock whatever the scheduling, and the serial chain is ``m / NB`` short steps.
+6. :func:`_combine_kernel`: ``X <- (1 - gamma) (X + h (W Z)_I)`` in place.
 
-Shared memory is sized for float32 (about 44 KB in step 2); float64 stays on the kernels of
-:mod:`resolvent._gpu._kernels`.
+The backward (:func:`._blockwise.backward`) runs steps 1-3 (:func:`pooled`), the within-block
+solve :func:`_bsolve_kernel`, step 5 on the transposed system, :func:`_grads_kernel`, and the
+pooled part's gradients in two launches (:func:`pooled_grads`).  Shared memory is sized for float32;
+float64 stays on the kernels of :mod:`resolvent._gpu._kernels`.
 """
 
 from __future__ import annotations
