@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import os
 import shutil
 import subprocess
