@@ -382,6 +382,23 @@ def _pooled_tile():
 
 
 @functools.cache
+def _tile_index(PTl):
+    """Device function: ``(p, row tile, column tile)`` of this thread block in a grid of ``B * nt *
+    nt`` over the ``PTl x PTl`` tiles of an ``m x m`` matrix per batch entry."""
+
+    @cuda.jit(device=True)
+    def tile_index(m):
+        nt = (m + PTl - 1) // PTl
+        blk = cuda.blockIdx.x
+        p = blk // (nt * nt)
+        rest = blk - p * nt * nt
+        it = rest // nt
+        return p, it, rest - it * nt
+
+    return tile_index
+
+
+@functools.cache
 def _scores_kernel(d, PTl, dtype):
     """The pooled scores ``sigma_IJ = qbar_I . kbar_J`` (``qbar`` scaled, ``kbar`` transposed), one
     ``PTl x PTl`` tile of ``W`` per thread block (``(PTl / 4)^2`` threads, a 4 x 4 register tile
@@ -401,16 +418,12 @@ def _scores_kernel(d, PTl, dtype):
     store = _rect_store(TPW, dtype, True)
     load_q = _tile_load(PTl, KCc, NTT, dtype)
     load_k = _tile_load(KCc, PTl, NTT, dtype)
+    tile_index = _tile_index(PTl)
 
     @cuda.jit
     def kernel(qbar, kbarT, W, c):
         m = W.shape[1]
-        nt = (m + PTl - 1) // PTl
-        blk = cuda.blockIdx.x
-        p = blk // (nt * nt)
-        rest = blk - p * nt * nt
-        it = rest // nt
-        jt = rest - it * nt
+        p, it, jt = tile_index(m)
         tid = cuda.threadIdx.x
         qs = cuda.shared.array((PTl, KC1), nbt)
         ks = cuda.shared.array((KCc, PT1), nbt)
@@ -468,17 +481,13 @@ def _softmax_kernel(PTl, dtype):
     inner = _rect_inner(TPW, PTl)
     store = _rect_store(TPW, dtype, False)
     load = _tile_load(PTl, PTl, NTT, dtype)
+    tile_index = _tile_index(PTl)
 
     @cuda.jit
     def kernel(W, c, vs, psum, Pp):
         m = W.shape[1]
         dv = vs.shape[2]
-        nt = (m + PTl - 1) // PTl
-        blk = cuda.blockIdx.x
-        p = blk // (nt * nt)
-        rest = blk - p * nt * nt
-        it = rest // nt
-        jt = rest - it * nt
+        p, it, jt = tile_index(m)
         tid = cuda.threadIdx.x
         Ws = cuda.shared.array((PTl, PT1), nbt)
         Vs = cuda.shared.array((PTl, PT1), nbt)
@@ -1143,16 +1152,12 @@ def _pgrad_kernel(d, dv, PTl, b, dtype):
     store = _rect_store(TPW, dtype, False)
     dsig = _dsig_store(TPW, dtype)
     load = _tile_load(PTl, PTl, NTT, dtype)
+    tile_index = _tile_index(PTl)
 
     @cuda.jit
     def kernel(W, Gu, Rsum, asum, sqbar, kbarT, n, dqp, dkp, dvp):
         m = W.shape[1]
-        nt = (m + PTl - 1) // PTl
-        blk = cuda.blockIdx.x
-        p = blk // (nt * nt)
-        rest = blk - p * nt * nt
-        it = rest // nt
-        jt = rest - it * nt
+        p, it, jt = tile_index(m)
         tid = cuda.threadIdx.x
         A = cuda.shared.array((PTl, PT1), nbt)
         Bs = cuda.shared.array((PTl, PT1), nbt)
