@@ -153,19 +153,13 @@ CHILD = textwrap.dedent(
         L = np.tril(rng.uniform(0, 1, (2, m, m)), -1)
         g = rng.uniform(0, 0.9 / m, (2, m))
         R = rng.standard_normal((2, m, kcols))
-        T = np.eye(m) - g[..., None] * L
-        ref = np.stack([solve_triangular(T[i], R[i], lower=True) for i in range(2)])
-        Z = GB.solve_unit_lower(np, *(x.astype(np.float32) for x in (L, g, R)), nt=16)
-        out[f"fused32_reduced_lower_m{m}_k{kcols}"] = rel(Z, ref)
-        Z, LZ = GB.solve_unit_lower(np, *(x.astype(np.float32) for x in (L, g, R)), with_product=True, nt=16)
-        out[f"fused32_reduced_lower_product_m{m}_k{kcols}"] = max(rel(Z, ref), rel(LZ, L @ ref))
-        U = np.swapaxes(L, -1, -2)
-        Tu = np.eye(m) - g[..., None] * U
-        refu = np.stack([solve_triangular(Tu[i], R[i], lower=False) for i in range(2)])
-        Zu = GB.solve_unit_upper(np, *(x.astype(np.float32) for x in (U, g, R)), nt=16)
-        out[f"fused32_reduced_upper_m{m}_k{kcols}"] = rel(Zu, refu)
-        Zu, UZ = GB.solve_unit_upper(np, *(x.astype(np.float32) for x in (U, g, R)), with_product=True, nt=16)
-        out[f"fused32_reduced_upper_product_m{m}_k{kcols}"] = max(rel(Zu, refu), rel(UZ, U @ refu))
+        for name, M, solver in (("lower", L, GB.solve_unit_lower), ("upper", np.swapaxes(L, -1, -2), GB.solve_unit_upper)):
+            T = np.eye(m) - g[..., None] * M
+            ref = np.stack([solve_triangular(T[i], R[i], lower=name == "lower") for i in range(2)])
+            args = [x.astype(np.float32) for x in (M, g, R)]
+            out[f"fused32_reduced_{name}_m{m}_k{kcols}"] = rel(solver(np, *args, nt=16), ref)
+            Z, MZ = solver(np, *args, with_product=True, nt=16)
+            out[f"fused32_reduced_{name}_product_m{m}_k{kcols}"] = max(rel(Z, ref), rel(MZ, M @ ref))
     GF.NB, GF.CW = 64, cw_saved
 
     # the blocked reduced solver across several diagonal blocks (block 4 instead of 64)

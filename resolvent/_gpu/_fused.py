@@ -843,10 +843,11 @@ def _combine_kernel(b, dv, NT, dtype):
 @functools.cache
 def _bsolve_kernel(b, d, dv, NT, PTl, dtype):
     """The backward's within-block solve (float32, ``b <= MAX_BLOCK``), one thread block per (batch
-    entry, block); as :func:`._kernels._backward_solve_kernel` (same arguments and outputs):
-    ``[G0 | h'] = (I - gamma D)^{-T} [dX | gamma 1]``, ``dX = (1 - gamma) dy`` (it takes ``dy``), with
-    ``D`` recomputed (and stored to ``Dst``,
-    ``u``), and the block sums ``rr = sum_t u_t G0_t``, ``gd = sum_t u_t h'_t``.  The solve is the
+    entry, block); as :func:`._kernels._backward_solve_kernel` (the same outputs; it takes ``dy``
+    for ``dX`` and the pooled tiles' row sums ``psum`` for the pooled mass):
+    ``[G0 | h'] = (I - gamma D)^{-T} [dX | gamma 1]``, ``dX = (1 - gamma) dy``, with ``D`` recomputed
+    (and stored to ``Dst``, ``u``), and the block sums ``rr = sum_t u_t G0_t``, ``gd = sum_t u_t
+    h'_t``.  The solve is the
     forward's panel substitution on the rows reversed, where the old kernel had a barrier per row.
     A non-finite entry of ``dy`` sets ``flags[3]``."""
     BP = K._cdiv(b, 4) * 4
