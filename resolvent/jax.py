@@ -43,9 +43,9 @@ def _leading(args, ndims):
 
 
 @functools.lru_cache(maxsize=None)
-def _function(method, block_size, topk, scale, ndim):
+def _function(method, block_size, topk, scale, check_finite, ndim):
     """The ``custom_vjp`` function for one choice of the static options (cached: stable under jit)."""
-    opts = dict(method=method, block_size=block_size, topk=topk, scale=scale)
+    opts = dict(method=method, block_size=block_size, topk=topk, scale=scale, check_finite=check_finite)
     ndims = (ndim, ndim, ndim, ndim - 2)
 
     def forward_cb(q, k, v, g):
@@ -74,7 +74,8 @@ def _function(method, block_size, topk, scale, ndim):
     return f
 
 
-def chain_attention(q, k, v, gamma=0.9, *, method="blockwise", block_size=None, topk=0, scale=None):
+def chain_attention(q, k, v, gamma=0.9, *, method="blockwise", block_size=None, topk=0, scale=None,
+                    check_finite=True):
     r"""Differentiable chain attention on JAX arrays (CPU), usable under ``jit``, ``grad``, ``vmap``.
 
     Same arguments and numbers as :func:`resolvent.chain_attention`; the gradient with respect to
@@ -88,8 +89,9 @@ def chain_attention(q, k, v, gamma=0.9, *, method="blockwise", block_size=None, 
     v : jax.Array, shape (..., n, dv)
     gamma : float or jax.Array broadcastable to the batch dimensions
         In ``[0, 1)``; one value per head works (shape ``(heads,)`` against a batch ``(batch, heads)``).
-    method, block_size, topk, scale
-        Static options, as for :func:`resolvent.chain_attention`.
+    method, block_size, topk, scale, check_finite
+        Static options, as for :func:`resolvent.chain_attention` (``check_finite`` applies to the
+        forward and the backward pass, whose cotangent it checks too).
 
     Returns
     -------
@@ -100,8 +102,8 @@ def chain_attention(q, k, v, gamma=0.9, *, method="blockwise", block_size=None, 
     ------
     ValueError
         Mismatched shapes, found while tracing.  Errors the NumPy implementation finds in values
-        (``gamma`` outside ``[0, 1)``, non-finite input) surface from the callback; under ``jit``
-        JAX re-raises them wrapped in its runtime error.
+        (``gamma`` outside ``[0, 1)``, non-finite input unless ``check_finite=False``) surface from
+        the callback; under ``jit`` JAX re-raises them wrapped in its runtime error.
 
     Notes
     -----
@@ -143,5 +145,6 @@ def chain_attention(q, k, v, gamma=0.9, *, method="blockwise", block_size=None, 
     except ValueError:
         raise ValueError(f"gamma of shape {gamma.shape} does not broadcast over the batch dimensions {batch}") from None
     q, k, v = (jnp.broadcast_to(x.astype(dtype), batch + x.shape[-2:]) for x in (q, k, v))
-    f = _function(method, block_size, topk, None if scale is None else float(scale), len(batch) + 2)
+    f = _function(method, block_size, topk, None if scale is None else float(scale), bool(check_finite),
+                  len(batch) + 2)
     return f(q, k, v, gamma).astype(out_dtype)

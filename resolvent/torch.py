@@ -26,10 +26,10 @@ class _ChainAttentionFunction(torch.autograd.Function):
     """``Y = (1 - gamma) A (I - gamma A)^{-1} V``; backward through ``chain_attention_vjp``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, gamma, method, block_size, topk, scale):
-        y = _rs.chain_attention(q, k, v, gamma, method=method, block_size=block_size, topk=topk,
-                                scale=scale)
-        ctx.options = dict(method=method, block_size=block_size, topk=topk, scale=scale)
+    def forward(ctx, q, k, v, gamma, method, block_size, topk, scale, check_finite):
+        ctx.options = dict(method=method, block_size=block_size, topk=topk, scale=scale,
+                           check_finite=check_finite)
+        y = _rs.chain_attention(q, k, v, gamma, **ctx.options)
         ctx.gamma_is_tensor = isinstance(gamma, torch.Tensor)
         # The backward reuses the forward's output (blockwise then skips recomputing it), unless it
         # was rounded to bfloat16/float16: then the float32 values are recomputed.
@@ -50,10 +50,11 @@ class _ChainAttentionFunction(torch.autograd.Function):
         dq, dk, dv, dgamma = _rs.chain_attention_vjp(q, k, v, gamma, dy, return_dgamma=True, y=y, **ctx.options)
         grads = [g.to(x.dtype) for g, x in ((dq, q), (dk, k), (dv, v))]
         grads.append(dgamma.to(gamma.dtype) if ctx.gamma_is_tensor else None)
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)  # method, block_size, topk, scale, check_finite
 
 
-def chain_attention(q, k, v, gamma=0.9, *, method="blockwise", block_size=None, topk=0, scale=None):
+def chain_attention(q, k, v, gamma=0.9, *, method="blockwise", block_size=None, topk=0, scale=None,
+                    check_finite=True):
     r"""Differentiable chain attention on PyTorch tensors.
 
     Computes :func:`resolvent.chain_attention` (same arguments, same numbers) and records a
@@ -69,6 +70,11 @@ def chain_attention(q, k, v, gamma=0.9, *, method="blockwise", block_size=None, 
         broadcast over the batch) receives its gradient summed over the broadcast dimensions.
     method, block_size, topk, scale
         As for :func:`resolvent.chain_attention`.
+    check_finite : bool, optional
+        As for :func:`resolvent.chain_attention`, for the forward and the backward pass (which also
+        checks the incoming gradient).  ``False`` skips the checks; on CUDA tensors the calls then
+        make no host synchronisation of their own (a ``gamma`` on the device is still read
+        back to be validated).
 
     Returns
     -------
@@ -95,7 +101,7 @@ def chain_attention(q, k, v, gamma=0.9, *, method="blockwise", block_size=None, 
     >>> q.grad.shape
     torch.Size([2, 64, 8])
     """
-    return _ChainAttentionFunction.apply(q, k, v, gamma, method, block_size, topk, scale)
+    return _ChainAttentionFunction.apply(q, k, v, gamma, method, block_size, topk, scale, check_finite)
 
 
 class ChainAttention(nn.Module):
@@ -121,7 +127,7 @@ class ChainAttention(nn.Module):
     gamma_max : float, optional
         Upper bound of a learnable gamma, default 0.999 (``gamma -> 1`` makes ``I - gamma A``
         nearly singular).
-    method, block_size, topk, scale
+    method, block_size, topk, scale, check_finite
         As for :func:`resolvent.chain_attention`.
     bias : bool, optional
         Biases in the four projections (default True).
@@ -148,8 +154,8 @@ class ChainAttention(nn.Module):
     """
 
     def __init__(self, embed_dim, num_heads, *, gamma=0.9, learnable_gamma=True, gamma_max=0.999,
-                 method="blockwise", block_size=None, topk=0, scale=None, bias=True, batch_first=True,
-                 device=None, dtype=None):
+                 method="blockwise", block_size=None, topk=0, scale=None, check_finite=True, bias=True,
+                 batch_first=True, device=None, dtype=None):
         super().__init__()
         for name, val in (("embed_dim", embed_dim), ("num_heads", num_heads)):
             if isinstance(val, bool) or not isinstance(val, numbers.Integral) or val < 1:
@@ -162,6 +168,7 @@ class ChainAttention(nn.Module):
         self.embed_dim, self.num_heads = int(embed_dim), int(num_heads)
         self.head_dim = self.embed_dim // self.num_heads
         self.method, self.block_size, self.topk, self.scale = method, block_size, topk, scale
+        self.check_finite = check_finite
         self.batch_first = batch_first
         self.learnable_gamma = learnable_gamma
         self.gamma_max = float(gamma_max)
@@ -208,7 +215,7 @@ class ChainAttention(nn.Module):
 
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
         y = chain_attention(q, k, v, self.gamma, method=self.method, block_size=self.block_size,
-                            topk=self.topk, scale=self.scale)
+                            topk=self.topk, scale=self.scale, check_finite=self.check_finite)
         y = self.out_proj(y.transpose(1, 2).reshape(batch, n, self.embed_dim))
         return y if self.batch_first else y.transpose(0, 1)
 

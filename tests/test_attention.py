@@ -246,12 +246,19 @@ def test_shape_mismatch(rng):
         resolvent.chain_attention(np.stack([q, q]), np.stack([q, q, q]), q, 0.5)
 
 
-def test_non_finite_input(small):
-    q, k, v = small
-    v = v.copy()
-    v[3, 1] = np.nan
-    with pytest.raises(ValueError, match="v must contain only finite values"):
-        resolvent.chain_attention(q, k, v, 0.5)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("name", ["q", "k", "v", "dy"])
+def test_non_finite_input(small, name, bad):
+    """By default (check_finite=True) inf and NaN raise ValueError naming the argument, forward and vjp."""
+    args = dict(zip("qkv", small), dy=small[2])
+    args[name] = args[name].copy()
+    args[name][3, 1] = bad
+    msg = f"{name} must contain only finite values"
+    if name != "dy":
+        with pytest.raises(ValueError, match=msg):
+            resolvent.chain_attention(args["q"], args["k"], args["v"], 0.5)
+    with pytest.raises(ValueError, match=msg):
+        resolvent.chain_attention_vjp(args["q"], args["k"], args["v"], 0.5, args["dy"], check_finite=True)
 
 
 def test_complex_input(small):
@@ -263,6 +270,47 @@ def test_complex_input(small):
 def test_bad_scale(small):
     with pytest.raises(ValueError, match="scale must be a finite real number"):
         resolvent.chain_attention(*small, 0.5, scale=float("inf"))
+
+
+# --- check_finite=False ----------------------------------------------------------------------
+
+ALL_METHODS = [("dense", {}), ("exact", {}), ("blockwise", {"block_size": 4}),
+               ("blockwise", {"block_size": 3, "topk": 1})]
+ALL_IDS = ["dense", "exact", "blockwise", "topk"]
+
+
+@settings(fixtures_ok, max_examples=10)
+@given(qkv(max_n=20), gammas, st.sampled_from(ALL_METHODS), st.sampled_from([np.float32, np.float64]))
+def test_check_finite_false_changes_nothing_on_finite_input(blockwise_path, data, gamma, method_opts, dtype):
+    method, opts = method_opts
+    q, k, v = (x.astype(dtype) for x in data)
+    dy = np.cos(v)  # any cotangent
+    y = resolvent.chain_attention(q, k, v, gamma, method=method, **opts)
+    np.testing.assert_array_equal(
+        resolvent.chain_attention(q, k, v, gamma, method=method, check_finite=False, **opts), y)
+    for given_y in (None, y):
+        ref = resolvent.chain_attention_vjp(q, k, v, gamma, dy, method=method, y=given_y, return_dgamma=True, **opts)
+        got = resolvent.chain_attention_vjp(q, k, v, gamma, dy, method=method, y=given_y, return_dgamma=True,
+                                            check_finite=False, **opts)
+        for a, b in zip(got, ref):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy's "invalid value" on NaN
+@pytest.mark.parametrize("method,opts", ALL_METHODS, ids=ALL_IDS)
+@pytest.mark.parametrize("name", ["q", "k", "v", "dy"])
+def test_check_finite_false_skips_the_check(blockwise_path, rng, method, opts, name):
+    """The caller promised finite input: a NaN is not looked for, it flows into the output."""
+    args = dict(zip(("q", "k", "v", "dy"), rng.standard_normal((4, 2, 10, 4))))
+    args[name][1, 5, 2] = np.nan
+    q, k, v, dy = args["q"], args["k"], args["v"], args["dy"]
+    y = resolvent.chain_attention(q, k, v, 0.5, method=method, check_finite=False, **opts)
+    grads = resolvent.chain_attention_vjp(q, k, v, 0.5, dy, method=method, check_finite=False, **opts)
+    if name == "v":
+        assert np.isnan(y[1]).any() and np.isfinite(y[0]).all()  # the other batch entry is untouched
+    if name == "dy":
+        assert all(np.isnan(g[1]).any() for g in grads)
 
 
 # --- backward: both CPU paths (the framework-level gradient tests are in test_vjp.py) ---------

@@ -101,6 +101,30 @@ def test_errors(rng):
         resolvent.solve(cupy.eye(3), cupy.ones(3), z=1.0)
 
 
+@pytest.mark.parametrize("method", ["dense", "exact", "blockwise"])
+def test_check_finite_false(rng, method):
+    """check_finite=False: the same float32 numbers (no check, no synchronisation), and NaN passes."""
+    q, k, v, dy = (cupy.asarray(x) for x in rng.standard_normal((4, 2, 100, 16)).astype(np.float32))
+    y = resolvent.chain_attention(q, k, v, 0.8, method=method)
+    y_nc = resolvent.chain_attention(q, k, v, 0.8, method=method, check_finite=False)
+    assert y_nc.dtype == np.float32 and bool((y_nc == y).all())
+    for given_y in (None, y):
+        grads = resolvent.chain_attention_vjp(q, k, v, 0.8, dy, method=method, y=given_y, return_dgamma=True)
+        grads_nc = resolvent.chain_attention_vjp(q, k, v, 0.8, dy, method=method, y=given_y, return_dgamma=True,
+                                                 check_finite=False)
+        for a, b in zip(grads_nc, grads):
+            assert a.dtype == b.dtype and rel(a, cupy.asnumpy(b)) <= 1e-6
+    bad = v.copy()
+    bad[1, 7, 3] = cupy.nan
+    y_bad = resolvent.chain_attention(q, k, bad, 0.8, method=method, check_finite=False)
+    assert bool(cupy.isnan(y_bad[1]).any()) and bool(cupy.isfinite(y_bad[0]).all())
+    bad_dy = dy.copy()
+    bad_dy[0, 2, 1] = cupy.inf
+    grads = resolvent.chain_attention_vjp(q, k, bad, 0.8, bad_dy, method=method, check_finite=False)
+    cupy.cuda.get_current_stream().synchronize()
+    assert not all(bool(cupy.isfinite(g).all()) for g in grads)
+
+
 def test_solve_chain_and_shifts_match_cpu(rng):
     A = rng.standard_normal((3, 40, 40)) / 10
     B = rng.standard_normal((3, 40, 5))

@@ -130,6 +130,14 @@ CHILD = textwrap.dedent(
             out[f"fused_nonfinite_{name}"] = 0.0
         except ValueError as exc:
             out[f"fused_nonfinite_{name}"] = float(str(exc).startswith(name + " must"))
+    # check=False (chain_attention's check_finite=False): the same numbers, and NaN passes unchecked
+    r1 = np.random.default_rng(1)  # its own stream: the cases below keep their inputs
+    f32 = [r1.standard_normal(s).astype(np.float32) for s in ((1, 12, 3), (1, 12, 3), (1, 12, 2))]
+    f32.append(np.array([0.7], np.float32))
+    out["unchecked_same"] = float(np.array_equal(GB.forward(np, *f32, 4, 0.8, nt=8, check=False),
+                                                 GB.forward(np, *f32, 4, 0.8, nt=8)))
+    f32[2][0, 5, 1] = np.nan
+    out["unchecked_nan_out"] = float(np.isnan(GB.forward(np, *f32, 4, 0.8, nt=8, check=False)).any())
     # the float32 backward (its reduced system on the same single-launch solver, transposed; b = 19:
     # two panels of the reversed within-block solve, the second partial)
     for B, n, d, dv, b, nt in ((2, 37, 3, 10, 3, 8), (1, 30, 5, 4, 4, 16), (1, 45, 3, 4, 19, 32), (1, 41, 3, 4, 2, 8)):
@@ -231,6 +239,12 @@ def test_simulated_fused_backward_flags_nonfinite_input(results):
 def test_simulated_fused_pipeline_names_nonfinite_input(results):
     for name in "qkv":
         assert results[f"fused_nonfinite_{name}"] == 1.0, name
+
+
+def test_simulated_fused_pipeline_unchecked(results):
+    """check=False: no ValueError for a NaN (it reaches the output), the same numbers for finite input."""
+    assert results["unchecked_same"] == 1.0
+    assert results["unchecked_nan_out"] == 1.0
 
 
 def test_simulated_kernels_write_every_output(results):

@@ -120,6 +120,35 @@ def test_shape_errors():
         rj.chain_attention(q, k, v, jnp.array([0.1, 0.2, 0.3]))
 
 
+@pytest.mark.parametrize("name", ["q", "k", "v", "dy"])
+def test_non_finite_input_is_named(x64, name):
+    """The NumPy check's ValueError comes out of the callback (JAX may wrap it in its runtime error)."""
+    q, k, v = arrays(10)
+    args = dict(q=q, k=k, v=v, dy=jnp.ones(v.shape))
+    args[name] = args[name].at[1, 4, 0].set(jnp.nan if name in "qv" else jnp.inf)
+    f = lambda q, k, v: rj.chain_attention(q, k, v, 0.5, block_size=4)  # noqa: E731
+    with pytest.raises((ValueError, RuntimeError), match=f"{name} must contain only finite values"):
+        if name == "dy":
+            jax.vjp(f, q, k, v)[1](args["dy"])[0].block_until_ready()
+        else:
+            f(args["q"], args["k"], args["v"]).block_until_ready()
+
+
+@pytest.mark.parametrize("method,opts", METHODS[:3] + METHODS[4:5], ids=IDS[:3] + IDS[4:5])
+def test_check_finite_false(x64, method, opts):
+    q, k, v = arrays(11)
+    dy = jnp.asarray(np.random.default_rng(12).standard_normal(v.shape))
+    out = []
+    for check in (True, False):
+        f = lambda q, k, v, g: rj.chain_attention(q, k, v, g, method=method, check_finite=check, **opts)  # noqa: E731
+        y, vjp = jax.vjp(jax.jit(f), q, k, v, jnp.array([0.3, 0.8]))
+        out.append([y, *vjp(dy)])
+    for a, b in zip(*out):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    y = rj.chain_attention(q, k, v.at[1, 4, 0].set(jnp.nan), 0.5, method=method, check_finite=False, **opts)
+    assert bool(jnp.isnan(y[1]).any()) and bool(jnp.isfinite(y[0]).all())
+
+
 def test_docstring_examples():
     import doctest
 

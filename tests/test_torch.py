@@ -92,6 +92,52 @@ def test_low_precision_gradients_keep_dtype(dtype):
     assert gamma.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("name", ["q", "k", "v", "dy"])
+def test_non_finite_input_raises_naming_the_argument(name):
+    q, k, v = tensors()
+    bad = dict(q=q, k=k, v=v, dy=torch.ones(2, 10, 2, dtype=torch.float64))
+    with torch.no_grad():
+        bad[name] = bad[name].clone()
+        bad[name][1, 4, 0] = float("nan") if name in "qv" else float("inf")
+    msg = f"{name} must contain only finite values"
+    if name != "dy":
+        with pytest.raises(ValueError, match=msg):
+            rt.chain_attention(bad["q"], bad["k"], bad["v"], 0.5)
+    else:
+        y = rt.chain_attention(q, k, v, 0.5)
+        with pytest.raises(ValueError, match=msg):
+            y.backward(bad["dy"])
+
+
+@pytest.mark.parametrize("method,opts", METHODS, ids=IDS)
+def test_check_finite_false_same_values_and_gradients(method, opts):
+    results = []
+    for check in (True, False):
+        q, k, v = tensors(seed=3)
+        gamma = torch.tensor([0.35, 0.8], dtype=torch.float64, requires_grad=True)
+        y = rt.chain_attention(q, k, v, gamma, method=method, check_finite=check, **opts)
+        y.backward(torch.cos(y.detach()))
+        results.append([y.detach()] + [t.grad for t in (q, k, v, gamma)])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_check_finite_false_lets_nan_through():
+    q, k, v = tensors()
+    with torch.no_grad():
+        v[1, 4, 0] = float("nan")
+    y = rt.chain_attention(q, k, v, 0.5, check_finite=False)
+    assert torch.isnan(y[1]).any() and torch.isfinite(y[0]).all()
+    y.sum().backward()  # no ValueError in the backward either
+    layer = rt.ChainAttention(4, 2, block_size=4, check_finite=False)
+    x = torch.randn(1, 6, 4)
+    x[0, 2, 1] = float("nan")
+    assert torch.isnan(layer(x)).any()
+    with pytest.raises(ValueError, match="q must contain only finite values"):
+        rt.ChainAttention(4, 2, block_size=4)(x)
+
+
 def test_chain_attention_module_shapes_and_gamma():
     torch.manual_seed(0)
     layer = rt.ChainAttention(12, 3, gamma=[0.1, 0.5, 0.9], block_size=4)

@@ -427,7 +427,9 @@ def _forward(q, k, v, gamma, sel, sigma, b, scale, values, Y, cZ, mu, ell):  # p
             ellp[t] = (i + 1) * expneg(-mx) + fb * l_pool  # stored in the working precision
 
 
-@numba.njit(nogil=True, fastmath=FASTMATH, cache=True)
+# error_model="numpy": a zero row normaliser (non-finite input, possible with check_finite=False)
+# gives inf/NaN, not ZeroDivisionError
+@numba.njit(nogil=True, fastmath=FASTMATH, cache=True, error_model="numpy")
 def _backward(q, k, v, gamma, dy, y, sel, sigma, mu, ell, b, scale, G, dq, dk, dV, dsigma):  # pragma: no cover
     """The vector-Jacobian product, blocks from the last to the first, per batch entry.
 

@@ -118,7 +118,8 @@ def _topk_unsupported(topk):
     )
 
 
-def chain_attention(q, k, v, gamma=0.9, *, method="blockwise", block_size=None, topk=0, scale=None):
+def chain_attention(q, k, v, gamma=0.9, *, method="blockwise", block_size=None, topk=0, scale=None,
+                    check_finite=True):
     from . import _attention, _blockwise, _fused
 
     cp = _cp()
@@ -130,7 +131,7 @@ def chain_attention(q, k, v, gamma=0.9, *, method="blockwise", block_size=None, 
     scale = _check_scale(scale, d)
     g = _gamma(gamma, batch, dt)
     b = min(block_size or gpu_block_size(n), n)
-    if not (method == "blockwise" and _fused.supported(dt, b)):
+    if check_finite and not (method == "blockwise" and _fused.supported(dt, b)):
         # the fused pipeline checks inside its kernels, with one synchronisation at the end
         _all_finite(("q", qf), ("k", kf), ("v", vf))
     if method == "dense":
@@ -138,12 +139,12 @@ def chain_attention(q, k, v, gamma=0.9, *, method="blockwise", block_size=None, 
     elif method == "exact":
         y = _attention.exact_forward(cp, qf, kf, vf, g, scale)
     else:
-        y = _blockwise.forward(cp, qf, kf, vf, g, b, scale)
+        y = _blockwise.forward(cp, qf, kf, vf, g, b, scale, check=check_finite)
     return y.reshape(batch + y.shape[-2:]).astype(out_dt, copy=False)
 
 
 def chain_attention_vjp(q, k, v, gamma, dy, *, method="blockwise", block_size=None, topk=0, scale=None,
-                        return_dgamma=False, y=None):
+                        return_dgamma=False, y=None, check_finite=True):
     from . import _attention, _blockwise
 
     cp = _cp()
@@ -162,7 +163,7 @@ def chain_attention_vjp(q, k, v, gamma, dy, *, method="blockwise", block_size=No
         raise ValueError(f"dy must have the output's shape {batch + (n, dvdim)}, got {dyf.shape}")
     b = min(block_size or gpu_block_size(n), n)
     in_kernels = method == "blockwise" and _blockwise.checks_inputs(dt, b)
-    if not in_kernels:
+    if check_finite and not in_kernels:
         _all_finite(("q", qf), ("k", kf), ("v", vf), ("dy", dyf))  # one synchronisation for all four
     dyf = cp.ascontiguousarray(dyf.reshape(B, n, dvdim), dtype=dt)
     yf = None
@@ -181,7 +182,8 @@ def chain_attention_vjp(q, k, v, gamma, dy, *, method="blockwise", block_size=No
 
         flags = cp.zeros(SYNC_HEAD, dtype=np.int32)
         grads = _blockwise.backward(cp, qf, kf, vf, g, b, scale, dyf, y=yf, flags=flags)
-        raise_nonfinite(flags.get(), ("q", "k", "v", "dy"))
+        if check_finite:
+            raise_nonfinite(flags.get(), ("q", "k", "v", "dy"))
     else:
         grads = _blockwise.backward(cp, qf, kf, vf, g, b, scale, dyf, y=yf)
     dq, dk, dvv, dg = grads

@@ -172,14 +172,15 @@ def lower_solve(xp, M, R, *, lower=True, stream=None, nt=None):
     return solve_unit_upper(xp, N, g, Rs, stream=stream, nt=nt)
 
 
-def forward(xp, q, k, v, gamma, b, scale, *, stream=None, nt=None):
+def forward(xp, q, k, v, gamma, b, scale, *, stream=None, nt=None, check=True):
     """Blockwise chain attention on flattened inputs: q, k (B, n, d), v (B, n, dv), gamma (B,).
 
     float32 with ``b <= MAX_BLOCK`` runs the six-launch pipeline of :mod:`._fused`, which also
-    checks that q, k, v are finite (``ValueError``); other cases the kernels below.
+    checks that q, k, v are finite (``ValueError``; ``check=False``: no check, no synchronisation);
+    other cases the kernels below.
     """
     if _fused.supported(q.dtype, b):
-        return _fused.forward_checked(xp, q, k, v, gamma, b, scale, nt=nt)
+        return _fused.forward_checked(xp, q, k, v, gamma, b, scale, nt=nt, check=check)
     if b > K.MAX_BLOCK:
         return _forward_batched(xp, q, k, v, gamma, b, scale, stream=stream, nt=nt)
     B, n, d = q.shape
@@ -211,8 +212,8 @@ def backward(xp, q, k, v, gamma, b, scale, dy, y=None, *, stream=None, nt=None, 
     and ``dX = (1 - gamma) dy`` are never formed), and sets ``flags[0:4]`` (int32 on the device,
     zeroed by the caller; see :func:`checks_inputs`) where q, k, v or dy holds a non-finite value;
     other cases the kernels of :mod:`._kernels`, which do not look (the caller checks first)."""
-    if y is None:
-        y = forward(xp, q, k, v, gamma, b, scale, stream=stream, nt=nt)
+    if y is None:  # unchecked: the kernels below flag non-finite input (or the caller checked)
+        y = forward(xp, q, k, v, gamma, b, scale, stream=stream, nt=nt, check=False)
     B, n, d = q.shape
     dvdim = v.shape[-1]
     dt = q.dtype

@@ -1433,12 +1433,14 @@ def _planned(q, k, v, gamma):
     return q.shape + (v.shape[2],)
 
 
-def forward_checked(xp, q, k, v, gamma, b, scale, *, nt=None):
-    """:func:`forward`, then one synchronisation that raises ``ValueError`` for non-finite input."""
+def forward_checked(xp, q, k, v, gamma, b, scale, *, nt=None, check=True):
+    """:func:`forward`, then one synchronisation that raises ``ValueError`` for non-finite input
+    (``check=False``: no synchronisation, the call returns as soon as the launches are queued)."""
     key = None if nt is not None else _planned(q, k, v, gamma)
     if key is None:
         y, bad = forward(xp, q, k, v, gamma, b, scale, nt=nt)
-        raise_nonfinite(bad.get() if hasattr(bad, "get") else bad)
+        if check:
+            raise_nonfinite(bad.get() if hasattr(bad, "get") else bad)
         return y
     import cupy
 
@@ -1449,6 +1451,8 @@ def forward_checked(xp, q, k, v, gamma, b, scale, *, nt=None):
             _PLANS.clear()
         plan = _PLANS[key] = _Plan(*key[:5], q.dtype)
     y, ws, sync_ptr = plan.run(q, k, v, gamma, scale)
+    if not check:
+        return y  # the workspace goes back to CuPy's pool, reusable by later work on this stream only
     bad = np.empty(3, dtype=np.int32)
     stream = cupy.cuda.get_current_stream()
     cupy.cuda.runtime.memcpyAsync(bad.ctypes.data, sync_ptr, 12, cupy.cuda.runtime.memcpyDeviceToHost, stream.ptr)

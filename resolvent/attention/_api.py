@@ -118,8 +118,8 @@ def check_qkv_shapes(q, k, v):
     return batch, n, d
 
 
-def prepare_qkv(q, k, v):
-    """Validate q, k, v and flatten their batch dimensions.
+def prepare_qkv(q, k, v, check_finite=True):
+    """Validate q, k, v (their finiteness only with ``check_finite``) and flatten their batch dimensions.
 
     Returns ``(q, k, v, batch_shape, compute_dtype, out_dtype)`` with q, k of shape (B, n, d) and
     v of shape (B, n, dv), all in ``compute_dtype`` (float32 or float64).
@@ -133,8 +133,9 @@ def prepare_qkv(q, k, v):
     out_dt = dt
     if all(t == np.float16 for t in in_dtypes):
         out_dt = np.dtype(np.float16)  # computed in float32, returned in the input's precision
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_finite_array(x, name)
+    if check_finite:
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            check_finite_array(x, name)
     B = math.prod(batch)
 
     def flat(x, last):
@@ -143,7 +144,8 @@ def prepare_qkv(q, k, v):
     return flat(q, d), flat(k, d), flat(v, v.shape[-1]), batch, dt, out_dt
 
 
-def chain_attention(q, k, v, gamma=0.9, *, method="blockwise", block_size=None, topk=0, scale=None):
+def chain_attention(q, k, v, gamma=0.9, *, method="blockwise", block_size=None, topk=0, scale=None,
+                    check_finite=True):
     r"""Chain attention ``Y = (1 - gamma) A (I - gamma A)^{-1} V`` on causal softmax attention.
 
     ``A = softmax(scale q k^T + causal mask)`` (``method="dense"`` and ``"exact"``) or its blockwise
@@ -171,6 +173,13 @@ def chain_attention(q, k, v, gamma=0.9, *, method="blockwise", block_size=None, 
         mean key it scores highest (SPEC 2.3); ``0`` is pooled coupling (SPEC 2.2).
     scale : float, optional
         Score scale, default ``1 / sqrt(d)``.
+    check_finite : bool, optional
+        Check that ``q``, ``k``, ``v`` hold only finite numbers (default True), as SciPy does.
+        ``False`` skips the check: the caller promises finite input, and non-finite input then
+        gives non-finite output, not a ``ValueError``.  On the GPU it also removes the one host
+        synchronisation the call otherwise makes (to read the check's result), so the call returns
+        as soon as the work is queued, as PyTorch code and CUDA-graph capture expect (a ``gamma``
+        given as a device array is still read back to be validated).
 
     Returns
     -------
@@ -181,7 +190,8 @@ def chain_attention(q, k, v, gamma=0.9, *, method="blockwise", block_size=None, 
     ------
     ValueError
         On shapes that do not match, ``gamma`` outside ``[0, 1)``, an unknown ``method``, a
-        ``block_size`` < 1, a negative ``topk``, complex or non-finite input.
+        ``block_size`` < 1, a negative ``topk``, complex input, or non-finite input (with
+        ``check_finite=True``), naming the argument.
 
     Notes
     -----
@@ -201,7 +211,7 @@ def chain_attention(q, k, v, gamma=0.9, *, method="blockwise", block_size=None, 
     (2, 256, 16)
     """
     block_size, topk = check_options(method, block_size, topk)
-    qf, kf, vf, batch, dt, out_dt = prepare_qkv(q, k, v)
+    qf, kf, vf, batch, dt, out_dt = prepare_qkv(q, k, v, check_finite)
     n, d = qf.shape[-2:]
     scale = _check_scale(scale, d)
     g = np.ascontiguousarray(check_gamma(gamma, batch, dt)).reshape(-1)
@@ -221,7 +231,7 @@ def chain_attention(q, k, v, gamma=0.9, *, method="blockwise", block_size=None, 
 
 
 def chain_attention_vjp(q, k, v, gamma, dy, *, method="blockwise", block_size=None, topk=0, scale=None,
-                        return_dgamma=False, y=None):
+                        return_dgamma=False, y=None, check_finite=True):
     r"""Vector-Jacobian product of :func:`chain_attention`: the gradients of ``sum(dy * Y)``.
 
     Parameters
@@ -235,6 +245,8 @@ def chain_attention_vjp(q, k, v, gamma, dy, *, method="blockwise", block_size=No
     y : array_like, shape (..., n, dv), optional
         The output of :func:`chain_attention` for the same arguments, if the caller kept it (as an
         autograd function does): ``blockwise`` then skips recomputing the forward pass.
+    check_finite : bool, optional
+        As for :func:`chain_attention`, checking ``dy`` too (default True); ``y`` is never checked.
 
     Returns
     -------
@@ -267,7 +279,7 @@ def chain_attention_vjp(q, k, v, gamma, dy, *, method="blockwise", block_size=No
     block_size, topk = check_options(method, block_size, topk)
     shapes = [np.shape(x) for x in (q, k, v)]
     gamma_shape = np.shape(gamma)
-    qf, kf, vf, batch, dt, out_dt = prepare_qkv(q, k, v)
+    qf, kf, vf, batch, dt, out_dt = prepare_qkv(q, k, v, check_finite)
     B, n, d = qf.shape
     dvdim = vf.shape[-1]
     scale = _check_scale(scale, d)
@@ -275,7 +287,8 @@ def chain_attention_vjp(q, k, v, gamma, dy, *, method="blockwise", block_size=No
     dyf = as_inexact(dy, "dy", min_ndim=2)
     if dyf.shape != batch + (n, dvdim):
         raise ValueError(f"dy must have the output's shape {batch + (n, dvdim)}, got {dyf.shape}")
-    check_finite_array(dyf, "dy")
+    if check_finite:
+        check_finite_array(dyf, "dy")
     dyf = np.ascontiguousarray(dyf.reshape(B, n, dvdim), dtype=dt)
     yf = None
     if y is not None:
