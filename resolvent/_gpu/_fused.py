@@ -39,7 +39,7 @@ import functools
 import math
 
 import numpy as np
-from numba import cuda
+from numba import cuda, uint64
 
 from . import _kernels as K
 
@@ -210,6 +210,28 @@ def _block_reduce(NT, dtype, is_max):
 
 
 @functools.cache
+def _tile_step(NT, NC):
+    """Device function: ``(i, j) -> (i, j)`` advanced by ``NT`` elements in row-major order over
+    ``NC`` columns, by addition (unsigned): a loop ``for e in range(tid, R * NC, NT)`` that needs
+    ``e // NC`` spent some 25 integer instructions a step on 64-bit signed division."""
+    DI = np.uint64(NT // NC)
+    DJ = np.uint64(NT % NC)
+    UNC = np.uint64(NC)
+    ONE = np.uint64(1)
+
+    @cuda.jit(device=True)
+    def step(i, j):
+        j += DJ
+        i += DI
+        if j >= UNC:
+            j -= UNC
+            i += ONE
+        return i, j
+
+    return step
+
+
+@functools.cache
 def _panel_subst(SB, dtype, transposed=False):
     """Device function: one thread's column of a panel's forward substitution, unrolled.
 
@@ -244,17 +266,26 @@ def _panel_subst(SB, dtype, transposed=False):
         terms = "".join(f" + S[ku + U{r}, ku + U{j}] * w{j}" for j in range(r))
         L += [f"    x{r} = (ws[ku + U{r}, cu]{terms}) * minv[ku + U{r}]", f"    w{r} = {vr.format(r=r)}gam * x{r}"]
 
-    def stores(ind, r):
-        at = row.format(r=r)
-        return [f"{ind}ws[ku + U{r}, cu] = w{r}", f"{ind}cs += {weight.format(r=r)}x{r}", f"{ind}if isv:",
-                f"{ind}    {out}[pu, {at}, c] = x{r}", f"{ind}elif ish:", f"{ind}    {hout}[pu, {at}] = x{r}"]
+    def stores(ind, rows, guard):
+        """The panel's shared stores and sum, then its outputs under one test of the column kind."""
+        def rowwise(ind2, lines_of):
+            out_lines = []
+            for r in rows:
+                if guard:
+                    out_lines += [f"{ind2}if k0 + {r} < T:"] + [f"{ind2}    {ln}" for ln in lines_of(r)]
+                else:
+                    out_lines += [f"{ind2}{ln}" for ln in lines_of(r)]
+            return out_lines
+
+        lines = rowwise(ind, lambda r: [f"ws[ku + U{r}, cu] = w{r}", f"cs += {weight.format(r=r)}x{r}"])
+        lines += [f"{ind}if isv:"] + rowwise(ind + "    ", lambda r: [f"{out}[pu, {row.format(r=r)}, c] = x{r}"])
+        lines += [f"{ind}elif ish:"] + rowwise(ind + "    ", lambda r: [f"{hout}[pu, {row.format(r=r)}] = x{r}"])
+        return lines
 
     L += ["    cs = ZERO", f"    if k0 + {SB} <= T:  # a whole panel: no row tests"]
-    for r in range(SB):
-        L += stores("        ", r)
+    L += stores("        ", range(SB), False)
     L += ["    else:"]
-    for r in range(SB):
-        L += [f"        if k0 + {r} < T:"] + stores("            ", r)
+    L += stores("        ", range(SB), True)
     L += ["    return cs"]
     return K.generated("subst", L, {"ZERO": ZERO}, nconst=SB)
 
@@ -565,6 +596,9 @@ def _rows_kernel(b, d, dv, NT, PTl, dtype):
     DV1 = _widths(NT)[0]
     DV2 = DV1 + 2
     NCOL = DV1 + 1  # the value columns of a pass, then the h column
+    UNCOL = np.uint64(NCOL)
+    UDV1 = np.uint64(DV1)
+    step = _tile_step(NT, NCOL)
     SB = PANEL
     subst = _panel_subst(SB, dtype)
     update = _panel_update(SB, dtype, False)
@@ -578,6 +612,8 @@ def _rows_kernel(b, d, dv, NT, PTl, dtype):
         p = blk // m
         I = blk - p * m
         tid = cuda.threadIdx.x
+        tid0 = uint64(tid) // UNCOL  # this thread's (row, column) in an NCOL-wide tile
+        cid0 = uint64(tid) - tid0 * UNCOL
         S = cuda.shared.array((BPS, BPS1), nbt)
         qs = cuda.shared.array((BP, KC1), nbt)
         ks = cuda.shared.array((BP, KC1), nbt)
@@ -589,6 +625,7 @@ def _rows_kernel(b, d, dv, NT, PTl, dtype):
             return
         t0 = I * b
         T = min(n - t0, b)
+        Tu = uint64(T)
         gam = gamma[p]
         # the pooled part (the pooled-score tiles' kernels): shift, mass, P_I = sum_J W_IJ vsum_J
         cI, pooledI = stats(c, psum, p, I)
@@ -607,15 +644,18 @@ def _rows_kernel(b, d, dv, NT, PTl, dtype):
             cw = min(DV1, dv - a0)
             load_v(v, p, t0, T, a0, dv, ws)
             cuda.syncthreads()
-            for e in range(tid, T * NCOL, NT):
-                t = e // NCOL
-                c = e - t * NCOL
-                if c < cw:
-                    ws[t, c] = us[t] * Ps[a0 + c] + S[t, t] * ws[t, c]
-                elif c == DV1 and a0 == 0:
-                    ws[t, c] = gam * us[t]
+            t = tid0  # unsigned throughout: a signed-unsigned mix would be typed float64
+            cc = cid0
+            cwu = uint64(cw)
+            a0u = uint64(a0)
+            while t < Tu:  # element tid + NT j of the (T, NCOL) tile, without a division a step
+                if cc < cwu:
+                    ws[t, cc] = us[t] * Ps[a0u + cc] + S[t, t] * ws[t, cc]
+                elif cc == UDV1 and a0 == 0:
+                    ws[t, cc] = gam * us[t]
                 else:
-                    ws[t, c] = ZERO
+                    ws[t, cc] = ZERO
+                t, cc = step(t, cc)
             cuda.syncthreads()
             col = tid
             isv = col < cw
@@ -626,9 +666,11 @@ def _rows_kernel(b, d, dv, NT, PTl, dtype):
                 if isv or ish:
                     cs += subst(S, ws, minv, k0, T, col, gam, isv, ish, v, X, h, p, t0, a0, n - 1)
                 cuda.syncthreads()
-                for e in range(tid, (T - k1) * NCOL, NT):  # only full panels have rows below
-                    i = k1 + e // NCOL
-                    update(S, ws, us, i, e - (i - k1) * NCOL, k0)
+                i = uint64(k1) + tid0  # only full panels have rows below
+                cc = cid0
+                while i < Tu:
+                    update(S, ws, us, i, cc, k0)
+                    i, cc = step(i, cc)
                 cuda.syncthreads()
             if isv:
                 rr[p, I, a0 + col] = cs

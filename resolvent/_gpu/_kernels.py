@@ -117,8 +117,73 @@ def _tri_inner(NTR, KC, dtype):
 
 
 @functools.cache
+def _chunk_load(BP, KC, K, NT, dtype, with_c2):
+    """Device function: columns ``k0 .. k0 + KC - 1`` of rows ``t0 .. t0 + BP - 1`` of ``A`` into
+    ``qs`` and of ``B + c2 Bc`` (``B`` alone unless ``with_c2``) into ``ks``, zero past ``T`` rows or
+    ``K`` columns; every load in flight before a barrier, then the shared stores.  A thread keeps one
+    column and every ``NT / KC``-th row, unrolled on unsigned indices (about four integer
+    instructions a load where the rolled loop spent thirty: 64-bit division, negative-index
+    fix-ups).  Where ``KC`` does not divide ``NT``, the same as a rolled loop."""
+    if NT % KC:
+        return _chunk_load_rolled(BP, KC, K, NT, dtype, with_c2)
+    RS = NT // KC
+    IT = _cdiv(BP, RS)
+    env = {"ZERO": np.dtype(dtype).type(0), "UKC": np.uint64(KC), "UK": np.uint64(K), "UBP": np.uint64(BP)}
+    env.update({f"R{it}": np.uint64(it * RS) for it in range(IT)})
+    L = ["def load(A, B, Bc, c2, p, t0, T, k0, qs, ks):", "    tid = uint64(cuda.threadIdx.x)",
+         "    i = tid // UKC", "    j = tid - i * UKC", "    pu = uint64(p)", "    ru = uint64(t0) + i",
+         "    cj = uint64(k0) + j", "    Tu = uint64(T)", "    ok = cj < UK"]
+    for it in range(IT):
+        L += [f"    x{it} = ZERO", f"    y{it} = ZERO", f"    if ok and i + R{it} < Tu:",
+              f"        x{it} = A[pu, ru + R{it}, cj]"]
+        if with_c2:
+            L += [f"        y{it} = B[pu, ru + R{it}, cj] + c2 * Bc[pu, ru + R{it}, cj]"]
+        else:
+            L += [f"        y{it} = B[pu, ru + R{it}, cj]"]
+    L += ["    cuda.syncthreads()"]
+    for it in range(IT):
+        L += [f"    if i + R{it} < UBP:", f"        qs[i + R{it}, j] = x{it}", f"        ks[i + R{it}, j] = y{it}"]
+    return generated("load", L, env)
+
+
+@functools.cache
+def _chunk_load_rolled(BP, KC, K, NT, dtype, with_c2):
+    """:func:`_chunk_load` for any ``NT``: element ``e = tid + li NT`` of the chunk is row ``e // KC``."""
+    LIT = _cdiv(BP * KC, NT)
+    ZERO = np.dtype(dtype).type(0)
+    nbt = _numba_type(dtype)
+
+    @cuda.jit(device=True)
+    def load(A, B, Bc, c2, p, t0, T, k0, qs, ks):
+        tid = cuda.threadIdx.x
+        bq = cuda.local.array(LIT, nbt)
+        bk = cuda.local.array(LIT, nbt)
+        for li in range(LIT):
+            e = tid + li * NT
+            r = e // KC
+            col = k0 + e - r * KC
+            bq[li] = ZERO
+            bk[li] = ZERO
+            if r < T and col < K:
+                bq[li] = A[p, t0 + r, col]
+                bk[li] = B[p, t0 + r, col]
+                if with_c2:
+                    bk[li] += c2 * Bc[p, t0 + r, col]
+        cuda.syncthreads()
+        for li in range(LIT):
+            e = tid + li * NT
+            r = e // KC
+            if r < BP:
+                qs[r, e - r * KC] = bq[li]
+                ks[r, e - r * KC] = bk[li]
+
+    return load
+
+
+@functools.cache
 def _tri_prod(BP, K, NT, dtype, combine_mode, kc=KC):
-    """Device function: the causal lower triangle of ``A_I (B_I + c2 Bc_I)^T`` into shared ``S``.
+    """Device function: the causal lower triangle of ``A_I (B_I + c2 Bc_I)^T`` into shared ``S``
+    (``B_I`` alone, ``c2`` and ``Bc`` unread, unless ``combine_mode``).
 
     ``combine_mode`` False: ``S[i, j] = scale * acc``.  True (the backward's ``dS``):
     ``S[i, j] = scale * S[i, j] * (acc - delta[i])``, ``S`` holding ``D`` on entry.
@@ -131,15 +196,12 @@ def _tri_prod(BP, K, NT, dtype, combine_mode, kc=KC):
     KCc = min(kc, K)
     NCH = _cdiv(K, KCc)
     ZERO = np.dtype(dtype).type(0)
-    LIT = _cdiv(BP * KCc, NT)  # chunk elements per thread: loaded into registers first
     inner = _tri_inner(NTR, KCc, dtype)
-    nbt = _numba_type(dtype)
+    load = _chunk_load(BP, KCc, K, NT, dtype, combine_mode)
 
     @cuda.jit(device=True)
     def tri_prod(A, B, Bc, c2, p, t0, T, S, qs, ks, scale, delta):
         tid = cuda.threadIdx.x
-        bq = cuda.local.array(LIT, nbt)
-        bk = cuda.local.array(LIT, nbt)
         for it in range(ITERS):
             tile = tid + it * NT
             active = tile < NTILE
@@ -156,23 +218,7 @@ def _tri_prod(BP, K, NT, dtype, combine_mode, kc=KC):
             a32 = ZERO
             a33 = ZERO
             for ch in range(NCH):
-                k0 = ch * KCc
-                for li in range(LIT):  # every load of the chunk in flight before the stores
-                    e = tid + li * NT
-                    r = e // KCc
-                    col = k0 + e - r * KCc
-                    bq[li] = ZERO
-                    bk[li] = ZERO
-                    if r < T and col < K:
-                        bq[li] = A[p, t0 + r, col]
-                        bk[li] = B[p, t0 + r, col] + c2 * Bc[p, t0 + r, col]
-                cuda.syncthreads()
-                for li in range(LIT):
-                    e = tid + li * NT
-                    r = e // KCc
-                    if r < BP:
-                        qs[r, e - r * KCc] = bq[li]
-                        ks[r, e - r * KCc] = bk[li]
+                load(A, B, Bc, c2, p, t0, T, ch * KCc, qs, ks)
                 cuda.syncthreads()
                 if active:
                     (a00, a10, a11, a20, a21, a22, a30, a31, a32,
@@ -220,29 +266,33 @@ def _row_stats(NT, dtype):
     ZERO = np.dtype(dtype).type(0)
     ONE = np.dtype(dtype).type(1)
     NEG_INF = np.dtype(dtype).type(-np.inf)
+    UONE = np.uint64(1)
+    uint64 = _uint64()
 
     @cuda.jit(device=True)
     def row_stats(S, T, has_pooled, cI, pooledI, gam, us, minv):
         for i in range(cuda.threadIdx.x, T, NT):
+            iu = uint64(i)  # unsigned indices: no negative-index fix-up on every shared read
+            n1 = iu + UONE
             rmax = NEG_INF
-            for j in range(i + 1):
-                rmax = max(rmax, S[i, j])
+            for j in range(n1):
+                rmax = max(rmax, S[iu, j])
             if has_pooled:
                 rmax = max(rmax, cI)
             z = ZERO
-            for j in range(i + 1):
-                e = math.exp(S[i, j] - rmax)
-                S[i, j] = e
+            for j in range(n1):
+                e = math.exp(S[iu, j] - rmax)
+                S[iu, j] = e
                 z += e
             ec = ZERO
             if has_pooled:
                 ec = math.exp(cI - rmax)
                 z += ec * pooledI
             inv = ONE / z
-            for j in range(i + 1):
-                S[i, j] = S[i, j] * inv
-            us[i] = ec * inv
-            minv[i] = ONE / (ONE - gam * S[i, i])
+            for j in range(n1):
+                S[iu, j] = S[iu, j] * inv
+            us[iu] = ec * inv
+            minv[iu] = ONE / (ONE - gam * S[iu, iu])
         cuda.syncthreads()
 
     return row_stats
