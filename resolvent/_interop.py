@@ -86,12 +86,22 @@ def _type_name(x) -> str:
     return f"{mod}.{t.__qualname__}"
 
 
+_DTYPE_NAMES: dict = {}  #: dtype object -> its short name (``str`` of a NumPy dtype costs microseconds)
+
+
 def _dtype_name(x, fw) -> str:
     dt = getattr(x, "dtype", None)
     if dt is None:
         return ""
-    s = str(dt)
-    return s.rsplit(".", 1)[-1]  # "torch.bfloat16" -> "bfloat16"
+    try:
+        return _DTYPE_NAMES[dt]
+    except (KeyError, TypeError):  # TypeError: an unhashable dtype-like object
+        name = str(dt).rsplit(".", 1)[-1]  # "torch.bfloat16" -> "bfloat16"
+    try:
+        _DTYPE_NAMES[dt] = name
+    except TypeError:
+        pass
+    return name
 
 
 def to_numpy(x, fw=None):

@@ -33,7 +33,9 @@ def available() -> bool:
 
 
 def _dtype_name(x) -> str:
-    return str(getattr(x, "dtype", "")).rsplit(".", 1)[-1]
+    from .._interop import _dtype_name as name
+
+    return name(x, None)
 
 
 def _to_cupy(x, fw):

@@ -7,6 +7,7 @@ current stream, the numba kernels launched on that stream too.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -33,6 +34,7 @@ def _stream():
     return cuda.external_stream(_cp().cuda.get_current_stream().ptr)
 
 
+@functools.lru_cache(maxsize=256)  # on every call's path: the checks behind it cost microseconds
 def gpu_block_size(n, topk=0):
     """The GPU's default block size: the CPU rule ``4 n^(1/3)`` (multiple of 8) capped at 64, the
     largest block whose score tile the fused kernels keep in shared memory (docs/gpu.md)."""
@@ -83,6 +85,8 @@ def _prepare_qkv(q, k, v, finite=True):
     B = math.prod(batch)
 
     def flat(x, last):
+        if x.dtype == dt and x.flags.c_contiguous and x.shape[:-2] == batch:
+            return x.reshape((B, n, last))  # the common case: one call, not three (host time)
         return cp.ascontiguousarray(cp.broadcast_to(x, batch + x.shape[-2:]).reshape((B, n, last)), dtype=dt)
 
     return flat(q, d), flat(k, d), flat(v, v.shape[-1]), batch, dt, out_dt
