@@ -429,7 +429,8 @@ def main():
     date = datetime.date.today().isoformat()
     say(f"# resolvent GPU backend on an NVIDIA H200, {date}")
     say("")
-    say("Produced by `PYTHONPATH=. python3 benchmarks/gpu_bench.py` (one device call).")
+    shown = [a for i, a in enumerate(sys.argv[1:]) if not a.startswith("--out") and sys.argv[i] != "--out"]
+    say(f"Produced by `PYTHONPATH=. python3 benchmarks/gpu_bench.py{''.join(' ' + a for a in shown)}` (one device call).")
     status = {}
     # the sanitizers run beside the correctness section, before the long ones: a call cut short by
     # the device's time limit keeps them
