@@ -905,6 +905,9 @@ def _bsolve_kernel(b, d, dv, NT, PTl, dtype):
     DV1 = _widths(NT)[0]
     DV2 = DV1 + 2
     NCOL = DV1 + 1
+    UBP, UDV1, UNCOL = np.uint64(BP), np.uint64(DV1), np.uint64(NCOL)
+    UONE, UTWO = np.uint64(1), np.uint64(2)
+    step_b, step_d, step_n = _tile_step(NT, BP), _tile_step(NT, DV1), _tile_step(NT, NCOL)
     SB = PANEL
     subst = _panel_subst(SB, dtype, True)
     update = _panel_update(SB, dtype, False)
@@ -921,6 +924,15 @@ def _bsolve_kernel(b, d, dv, NT, PTl, dtype):
         p = blk // m
         I = blk - p * m
         tid = cuda.threadIdx.x
+        # this thread's first (row, column) in tiles BP, DV1 and NCOL wide: the loops below step
+        # by addition on unsigned indices (a division a step cost some 25 integer instructions)
+        ut = uint64(tid)
+        rB0 = ut // UBP
+        cB0 = ut - rB0 * UBP
+        rD0 = ut // UDV1
+        cD0 = ut - rD0 * UDV1
+        rN0 = ut // UNCOL
+        cN0 = ut - rN0 * UNCOL
         S = cuda.shared.array((BPS, BPS1), nbt)
         qs = cuda.shared.array((BP, KC1), nbt)
         ks = cuda.shared.array((BP, KC1), nbt)
@@ -931,57 +943,67 @@ def _bsolve_kernel(b, d, dv, NT, PTl, dtype):
             return
         t0 = I * b
         T = min(n - t0, b)
+        Tu = uint64(T)
+        Tm1 = Tu - UONE
+        pu = uint64(p)
+        Iu = uint64(I)
         gam = gamma[p]
         om = ONE - gam
         cI, pooledI = stats(c, psum, p, I)
         tri_prod(q, k, k, ZERO, p, t0, T, S, qs, ks, scale, us)
         row_stats(S, T, I > 0, cI, pooledI, gam, us, minv)
-        for e in range(tid, T * T, NT):
-            i = e // T
-            j = e - i * T
-            Dst[p, I, i, j] = S[i, j] if j <= i else ZERO
+        i = rB0
+        j = cB0
+        while i < Tu:
+            if j < Tu:
+                Dst[pu, Iu, i, j] = S[i, j] if j <= i else ZERO
+            i, j = step_b(i, j)
         for e in range(tid, T, NT):
             u[p, t0 + e] = us[e]
         cuda.syncthreads()
         # reverse the block: D reflected about its anti-diagonal, us and minv reversed
-        for e in range(tid, T * T, NT):
-            i = e // T
-            j = e - i * T
-            if j <= i and i + j < T - 1:
+        i = rB0
+        j = cB0
+        while i < Tu:
+            if j <= i and i + j < Tm1:
                 x = S[i, j]
-                S[i, j] = S[T - 1 - j, T - 1 - i]
-                S[T - 1 - j, T - 1 - i] = x
-        for i in range(tid, T // 2, NT):
-            x = us[i]
-            us[i] = us[T - 1 - i]
-            us[T - 1 - i] = x
-            x = minv[i]
-            minv[i] = minv[T - 1 - i]
-            minv[T - 1 - i] = x
+                S[i, j] = S[Tm1 - j, Tm1 - i]
+                S[Tm1 - j, Tm1 - i] = x
+            i, j = step_b(i, j)
+        for i2 in range(tid, T // 2, NT):
+            x = us[i2]
+            us[i2] = us[T - 1 - i2]
+            us[T - 1 - i2] = x
+            x = minv[i2]
+            minv[i2] = minv[T - 1 - i2]
+            minv[T - 1 - i2] = x
         cuda.syncthreads()
+        half = Tu // UTWO
         for a0 in range(0, dv, DV1):
             cw = min(DV1, dv - a0)
             load(dy, p, t0, T, a0, dv, ws)
             cuda.syncthreads()
             bad = False
-            for e in range(tid, T * DV1, NT):  # dX = (1 - gamma) dy
-                i = e // DV1
-                cc = e - i * DV1
+            i = rD0  # dX = (1 - gamma) dy
+            cc = cD0
+            while i < Tu:
                 x = ws[i, cc]
                 bad = bad or not abs(x) <= FMAX
                 ws[i, cc] = om * x
+                i, cc = step_d(i, cc)
             if bad:
                 cuda.atomic.max(flags, 3, int32(1))
             cuda.syncthreads()
-            for e in range(tid, (T // 2) * NCOL, NT):  # rows reversed; the h column is gamma
-                i = e // NCOL
-                cc = e - i * NCOL
-                if cc < DV1:
+            i = rN0  # rows reversed; the h column is gamma
+            cc = cN0
+            while i < half:
+                if cc < UDV1:
                     x = ws[i, cc]
-                    ws[i, cc] = ws[T - 1 - i, cc]
-                    ws[T - 1 - i, cc] = x
-            for i in range(tid, BPS, NT):
-                ws[i, DV1] = gam if (i < T and a0 == 0) else ZERO
+                    ws[i, cc] = ws[Tm1 - i, cc]
+                    ws[Tm1 - i, cc] = x
+                i, cc = step_n(i, cc)
+            for i2 in range(tid, BPS, NT):
+                ws[i2, DV1] = gam if (i2 < T and a0 == 0) else ZERO
             cuda.syncthreads()
             col = tid
             isv = col < cw
@@ -992,9 +1014,11 @@ def _bsolve_kernel(b, d, dv, NT, PTl, dtype):
                 if isv or ish:
                     cs += subst(S, ws, minv, us, k0, T, col, gam, isv, ish, G0, hp, p, t0, a0)
                 cuda.syncthreads()
-                for e in range(tid, (T - k1) * NCOL, NT):
-                    i = k1 + e // NCOL
-                    update(S, ws, us, i, e - (i - k1) * NCOL, k0)
+                i = uint64(k1) + rN0
+                cc = cN0
+                while i < Tu:
+                    update(S, ws, us, i, cc, k0)
+                    i, cc = step_n(i, cc)
                 cuda.syncthreads()
             if isv:
                 rr[p, I, a0 + col] = cs
