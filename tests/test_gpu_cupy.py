@@ -125,6 +125,64 @@ def test_check_finite_false(rng, method):
     assert not all(bool(cupy.isfinite(g).all()) for g in grads)
 
 
+def test_fast_entry_equals_the_general_path(rng, monkeypatch):
+    """``chain_attention`` on C-contiguous float32 CuPy arrays with a float gamma takes the fast
+    entry (``_api.chain_attention_fast``, no general argument handling); its results equal the
+    general path's bit for bit, 3-D and 4-D, and what it declines still runs (or raises) there."""
+    from resolvent import _interop
+    from resolvent._gpu import _api
+
+    taken = []
+
+    def counting(*a, **kw):
+        out = _api.chain_attention_fast(*a, **kw)
+        if out is not NotImplemented:
+            taken.append(kw.get("block_size"))
+        return out
+
+    for shape in ((3, 700, 32), (2, 2, 300, 16)):
+        q, k, v = (cupy.asarray(x) for x in rng.standard_normal((3,) + shape).astype(np.float32))
+        resolvent.chain_attention(q, k, v, 0.9)  # the first call registers the entry
+        assert _interop._FAST_TYPE[0] is cupy.ndarray
+        monkeypatch.setitem(_interop._FAST, "chain_attention", counting)
+        taken.clear()
+        y = resolvent.chain_attention(q, k, v, 0.9)
+        y_nc = resolvent.chain_attention(q, k, v, 0.9, check_finite=False)
+        y_b = resolvent.chain_attention(q, k, v, 0.9, block_size=24)
+        assert taken == [None, None, 24]
+        y_gen = _api.chain_attention(q, k, v, 0.9)  # the general path
+        assert y.shape == shape and y.dtype == np.float32
+        assert bool((y == y_gen).all()) and bool((y_nc == y_gen).all())
+        assert bool((y_b == _api.chain_attention(q, k, v, 0.9, block_size=24)).all())
+        assert bool((resolvent.chain_attention(q, k, v, np.float32(0.9)) == y_gen).all())  # declined
+        dy = cupy.asarray(rng.standard_normal(shape).astype(np.float32))
+        for given_y in (None, y):
+            got = resolvent.chain_attention_vjp(q, k, v, 0.9, dy, y=given_y, return_dgamma=True)
+            ref = _api.chain_attention_vjp(q, k, v, 0.9, dy, y=given_y, return_dgamma=True)
+            assert len(got) == 4 and [g.shape for g in got] == [shape] * 3 + [()]
+            assert all(bool((a == r).all()) for a, r in zip(got, ref))
+        assert _api.chain_attention_vjp_fast(q, k, v, 0.9, dy) is not NotImplemented
+        assert _api.chain_attention_vjp_fast(q, k, v, 0.9, dy[..., ::2, :]) is NotImplemented
+    taken.clear()
+    for args, kw in (((q[..., ::2, :], k[..., ::2, :], v[..., ::2, :], 0.9), {}),  # not contiguous
+                     ((q, k, v, 0.9), {"scale": 0.3}), ((q, k, v, 0.9), {"method": "exact"}),
+                     ((q.astype(cupy.float64), k, v, 0.9), {}), ((q, k, v, 0), {})):
+        ref = _api.chain_attention(*args, **kw)
+        assert bool((resolvent.chain_attention(*args, **kw) == ref).all())
+    assert taken == []
+    for bad_gamma in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="gamma"):
+            resolvent.chain_attention(q, k, v, bad_gamma)
+    with pytest.raises(TypeError, match="chain_attention"):
+        resolvent.chain_attention(q, k, v, 0.9, bogus=1)
+    bad = v.copy()
+    bad[1, 0, 5, 2] = cupy.inf
+    with pytest.raises(ValueError, match="v must contain only finite values"):
+        resolvent.chain_attention(q, k, bad, 0.9)
+    with pytest.raises(ValueError, match="dy must contain only finite values"):
+        resolvent.chain_attention_vjp(q, k, v, 0.9, bad, y=v)
+
+
 def test_solve_chain_and_shifts_match_cpu(rng):
     A = rng.standard_normal((3, 40, 40)) / 10
     B = rng.standard_normal((3, 40, 5))

@@ -231,3 +231,31 @@ def test_torch_results_equal_numpy_results(v, gamma):
     out = resolvent.chain(torch.from_numpy(A), torch.from_numpy(v), gamma)
     assert out.dtype == getattr(torch, ref.dtype.name) and out.shape == ref.shape
     np.testing.assert_array_equal(out.numpy(), ref)
+
+
+def test_registered_fast_entry_takes_its_type_and_may_decline(rng, monkeypatch):
+    """``register_fast``: calls whose first argument is exactly the registered type go to the entry
+    first; ``NotImplemented`` sends them down the general path (here NumPy's), and other types never
+    reach the entry."""
+
+    class Marked(np.ndarray):
+        pass
+
+    seen = []
+
+    def entry(q, k, v, gamma=0.9, **kw):
+        seen.append(kw)
+        return NotImplemented if kw.get("method") == "dense" else "fast"
+
+    monkeypatch.setattr(_interop, "_FAST", {})
+    monkeypatch.setattr(_interop, "_FAST_TYPE", [None])
+    _interop.register_fast(Marked, {"chain_attention": entry})
+    q, k, v = rng.standard_normal((3, 2, 12, 4))
+    qm = q.view(Marked)
+    assert resolvent.chain_attention(qm, k, v, 0.5) == "fast"
+    y = resolvent.chain_attention(qm, k, v, 0.5, method="dense")  # declined: the general path
+    np.testing.assert_allclose(np.asarray(y), resolvent.chain_attention(q, k, v, 0.5, method="dense"))
+    assert len(seen) == 2
+    resolvent.chain_attention(q, k, v, 0.5)  # a plain ndarray is not the registered type
+    resolvent.chain_attention_vjp(qm, k, v, 0.5, q)  # no entry for this function
+    assert len(seen) == 2

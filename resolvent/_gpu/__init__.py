@@ -103,10 +103,11 @@ def dispatch(name, args, kwargs, *, frameworks, like, fw, half):
     call's primary array and framework, ``half`` the half-precision dtype name to return (or None).
     """
     try:
-        import cupy  # noqa: F401
+        import cupy
         from numba import cuda  # noqa: F401
     except ImportError as exc:
         raise NotImplementedError(_unavailable(name, args, kwargs, frameworks, exc)) from None
+    from .. import _interop
     from . import _api
 
     fn = getattr(_api, name, None)
@@ -122,6 +123,9 @@ def dispatch(name, args, kwargs, *, frameworks, like, fw, half):
             return a.item()  # a host scalar (gamma, z) beside device arrays
         return _to_cupy(a, f)
 
+    if fw == "cupy" and _interop._FAST_TYPE[0] is None:
+        _interop.register_fast(cupy.ndarray, {"chain_attention": _api.chain_attention_fast,
+                                               "chain_attention_vjp": _api.chain_attention_vjp_fast})
     with _stream_context(fw, like):
         new_args = [conv(a) for a in args]
         new_kwargs = {key: conv(a) for key, a in kwargs.items()}

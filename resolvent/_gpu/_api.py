@@ -38,9 +38,14 @@ def _stream():
 def gpu_block_size(n, topk=0):
     """The GPU's default block size: the CPU rule ``4 n^(1/3)`` (multiple of 8) capped at 64, the
     largest block whose score tile the fused kernels keep in shared memory (docs/gpu.md)."""
+    return min(_cpu_default_block_size(n, topk=topk), _max_block())
+
+
+@functools.cache
+def _max_block():
     from ._kernels import MAX_BLOCK
 
-    return min(_cpu_default_block_size(n, topk=topk), MAX_BLOCK)
+    return MAX_BLOCK
 
 
 def default_block_size(n, *, topk=0):
@@ -92,7 +97,7 @@ def _prepare_qkv(q, k, v, finite=True):
     return flat(q, d), flat(k, d), flat(v, v.shape[-1]), batch, dt, out_dt
 
 
-_GAMMA: dict = {}  #: (value, batch, dtype, device) -> gamma on the device, for a scalar gamma
+_GAMMA: dict = {}  #: (value, batch, dtype, device), or (value, B, device) for float32 -> gamma on the device
 
 
 def _gamma(gamma, batch, dt):
@@ -145,6 +150,105 @@ def chain_attention(q, k, v, gamma=0.9, *, method="blockwise", block_size=None, 
     else:
         y = _blockwise.forward(cp, qf, kf, vf, g, b, scale, check=check_finite)
     return y.reshape(batch + y.shape[-2:]).astype(out_dt, copy=False)
+
+
+_F32 = np.dtype(np.float32)
+
+
+def _fast_case(q, k, v, gamma, method, block_size, topk, scale, check_finite):
+    """The common case of the fast entries below, checked with a few comparisons: C-contiguous
+    float32 CuPy arrays q, k (..., n, d) and v (..., n, dv) of one batch shape on the current device,
+    a Python float ``gamma`` in ``[0, 1)``, the default ``method``, ``topk`` and ``scale``, blocks of
+    at most ``MAX_BLOCK``.  Returns ``(B, n, d, dv, b, device, gamma on the device)``, or None."""
+    if not (type(gamma) is float and 0.0 <= gamma < 1.0 and scale is None and type(method) is str
+            and method == "blockwise" and type(topk) is int and topk == 0
+            and (check_finite is True or check_finite is False)
+            and (block_size is None or (type(block_size) is int and block_size > 0))):
+        return None
+    if type(k) is not type(q) or type(v) is not type(q):
+        return None
+    if q.dtype is not _F32 or k.dtype is not _F32 or v.dtype is not _F32:
+        return None
+    shp = q.shape
+    vs = v.shape
+    nd = len(shp)
+    if nd < 2 or k.shape != shp or len(vs) != nd or vs[:-1] != shp[:-1]:
+        return None
+    n, d, dv = shp[-2], shp[-1], vs[-1]
+    B = shp[0] if nd == 3 else math.prod(shp[:-2])
+    if B < 1 or n < 1 or d < 1 or dv < 1:
+        return None
+    if not (q.flags.c_contiguous and k.flags.c_contiguous and v.flags.c_contiguous):
+        return None
+    dev = _cp().cuda.runtime.getDevice()
+    if q.data.device_id != dev or k.data.device_id != dev or v.data.device_id != dev:
+        return None
+    b = min(block_size or gpu_block_size(n), n)
+    if b > _max_block():
+        return None
+    g = _GAMMA.get((gamma, B, dev))
+    if g is None:
+        g = _gamma(gamma, (B,), _F32)
+        if len(_GAMMA) >= 64:
+            _GAMMA.clear()
+        _GAMMA[(gamma, B, dev)] = g
+    return B, n, d, dv, b, dev, g
+
+
+def _like_v(x, v):
+    """Whether ``x`` (dy or y) can go to the kernels as it is: v's type, shape, dtype and device, and
+    C-contiguous (the fast entries' condition)."""
+    return (type(x) is type(v) and x.shape == v.shape and x.dtype is _F32 and x.flags.c_contiguous
+            and x.data.device_id == v.data.device_id)
+
+
+def chain_attention_fast(q, k, v, gamma=0.9, *rest, method="blockwise", block_size=None, topk=0, scale=None,
+                         check_finite=True, **extra):
+    """:func:`chain_attention` for its common case (:func:`_fast_case`), entered from the public
+    function before the general argument handling (``resolvent._interop.register_fast``); anything
+    else returns ``NotImplemented`` and goes the general way, which raises the errors.
+
+    The general way spent about 0.1 ms of host time before the first launch (some 250 Python calls),
+    which a timed call sees as idle device time; this is the same launch plan after a few
+    comparisons."""
+    case = None if rest or extra else _fast_case(q, k, v, gamma, method, block_size, topk, scale, check_finite)
+    if case is None:
+        return NotImplemented
+    from . import _fused
+
+    B, n, d, dv, b, dev, g = case
+    vs = v.shape
+    if len(vs) != 3:
+        q, k, v = q.reshape(B, n, d), k.reshape(B, n, d), v.reshape(B, n, dv)
+    y = _fused.run_plan(q, k, v, g, b, 1.0 / math.sqrt(d), dev, check_finite)
+    return y if len(vs) == 3 else y.reshape(vs)
+
+
+def chain_attention_vjp_fast(q, k, v, gamma, dy, *rest, method="blockwise", block_size=None, topk=0, scale=None,
+                             return_dgamma=False, y=None, check_finite=True, **extra):
+    """:func:`chain_attention_vjp` for the common case of :func:`chain_attention_fast` (``dy`` and
+    ``y``, if given, shaped and stored as ``v``); ``NotImplemented`` otherwise."""
+    if rest or extra or not (return_dgamma is True or return_dgamma is False):
+        return NotImplemented
+    case = _fast_case(q, k, v, gamma, method, block_size, topk, scale, check_finite)
+    if case is None or not _like_v(dy, v) or not (y is None or _like_v(y, v)):
+        return NotImplemented
+    from ._blockwise import backward
+    from ._fused import SYNC_HEAD, raise_nonfinite
+
+    B, n, d, dv, b, dev, g = case
+    shapes = (q.shape, k.shape, v.shape)
+    if q.ndim != 3:
+        q, k, v, dy = q.reshape(B, n, d), k.reshape(B, n, d), v.reshape(B, n, dv), dy.reshape(B, n, dv)
+        y = None if y is None else y.reshape(B, n, dv)
+    flags = _cp().zeros(SYNC_HEAD, dtype=np.int32)
+    dq, dk, dvv, dg = backward(_cp(), q, k, v, g, b, 1.0 / math.sqrt(d), dy, y=y, flags=flags)
+    if check_finite:
+        raise_nonfinite(flags.get(), ("q", "k", "v", "dy"))
+    out = [x.reshape(shp) for x, shp in zip((dq, dk, dvv), shapes)]
+    if return_dgamma:
+        out.append(unbroadcast(dg.reshape(shapes[0][:-2]), ()).astype(_F32, copy=False))
+    return tuple(out)
 
 
 def chain_attention_vjp(q, k, v, gamma, dy, *, method="blockwise", block_size=None, topk=0, scale=None,

@@ -1532,12 +1532,22 @@ def forward_checked(xp, q, k, v, gamma, b, scale, *, nt=None, check=True):
         return y
     import cupy
 
-    key = key + (b, q.dtype.char, cupy.cuda.Device().id)
+    return run_plan(q, k, v, gamma, b, scale, cupy.cuda.runtime.getDevice(), check)
+
+
+def run_plan(q, k, v, gamma, b, scale, device, check=True):
+    """The forward through its launch plan: ``q, k, v`` C-contiguous float32 CuPy arrays (B, n, d) and
+    (B, n, dv) on ``device`` (the current one), ``gamma`` (B,) float32 there, ``b <= MAX_BLOCK``; the
+    inputs are not checked here (:func:`forward_checked` and ``_api.chain_attention_fast`` do)."""
+    import cupy
+
+    B, n, d = q.shape
+    key = (B, n, d, v.shape[2], b, device)
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= 32:
             _PLANS.clear()
-        plan = _PLANS[key] = _Plan(*key[:5], q.dtype)
+        plan = _PLANS[key] = _Plan(B, n, d, v.shape[2], b, q.dtype)
     y, ws, sync_ptr = plan.run(q, k, v, gamma, scale)
     if not check:
         return y  # the workspace goes back to CuPy's pool, reusable by later work on this stream only
