@@ -1276,25 +1276,69 @@ def _pgrad_kernel(d, dv, PTl, b, dtype):
 
 
 @functools.cache
-def _block_rows(b, C, NT, dtype, mode):
-    """Device function over block rows ``t0 .. t0 + T - 1`` of ``X`` (B, n, C), unrolled, every load
-    issued before the first use: ``mode == "add"``: ``X[p, t, c] += vec[c]`` (returns 0);
-    ``mode == "dot"``: returns the thread's share of ``sum X * vec`` (``vec`` an array like ``X``)."""
-    EPT = K._cdiv(b * C, NT)
-    L = ["def rows(X, vec, p, t0, T):", "    tid = uint64(cuda.threadIdx.x)", "    pu = uint64(p)", "    tu = uint64(t0)",
-         "    Tu = uint64(T)", "    s = ZERO"]
-    for it in range(EPT):
-        L += [f"    e{it} = tid + U{it * NT}" if it else "    e0 = tid", f"    i{it} = e{it} // UC",
-              f"    c{it} = e{it} - i{it} * UC", f"    ok{it} = i{it} < Tu", f"    x{it} = ZERO", f"    y{it} = ZERO",
-              f"    if ok{it}:", f"        x{it} = X[pu, tu + i{it}, c{it}]"]
-        L += [f"        y{it} = vec[pu, tu + i{it}, c{it}]" if mode == "dot" else f"        y{it} = vec[c{it}]"]
-    for it in range(EPT):
-        if mode == "dot":
-            L += [f"    s += x{it} * y{it}"]
-        else:
-            L += [f"    if ok{it}:", f"        X[pu, tu + i{it}, c{it}] = x{it} + y{it}"]
+def _block_rows_add3(b, d, dv, NT, dtype):
+    """Device function: ``A[t, c] += va[c]``, ``Bm[t, c] += vb[c]`` (``c < d``) and ``C[t, c] +=
+    vc[c]`` (``c < dv``) over block rows ``t0 .. t0 + T - 1`` of batch entry ``p``, on the flat
+    (C-contiguous) arrays: the block's rows are one contiguous range.  When ``d`` and ``dv`` divide
+    ``NT`` a thread keeps one column (``tid % d``) and issues its loads in rounds of up to 32 values
+    (no spills at 64 registers), each a base plus a constant, before the round's stores (a rolled
+    pass per array, one after another, kept a third as many bytes in flight: the compiler may not
+    move a load above a store to another array); otherwise a rolled loop."""
+    MAX_HELD = 32
+    if NT % d or NT % dv:
+        @cuda.jit(device=True)
+        def add3_rolled(A, Bm, C, va, vb, vc, p, n, t0, T):
+            row = p * n + t0
+            for e in range(cuda.threadIdx.x, T * d, NT):
+                c = e % d
+                A[row * d + e] += va[c]
+                Bm[row * d + e] += vb[c]
+            for e in range(cuda.threadIdx.x, T * dv, NT):
+                C[row * dv + e] += vc[e % dv]
+
+        return add3_rolled
+    L = ["def add3(A, Bm, C, va, vb, vc, p, n, t0, T):", "    tid = uint64(cuda.threadIdx.x)",
+         "    row = uint64(p) * uint64(n) + uint64(t0)", "    bq = row * UD + tid", "    bv = row * UDV + tid",
+         "    eq = uint64(T) * UD", "    ev = uint64(T) * UDV", "    sa = va[tid % UD]", "    sb = vb[tid % UD]",
+         "    sc = vc[tid % UDV]"]
+    groups = (("A", "sa", "bq", "eq", d, "a"), ("Bm", "sb", "bq", "eq", d, "b"), ("C", "sc", "bv", "ev", dv, "c"))
+    phases, held = [[]], 0  # at most MAX_HELD values a thread at once (64 registers, no spills)
+    for g in groups:
+        ept = K._cdiv(b * g[4], NT)
+        if phases[-1] and held + ept > MAX_HELD:
+            phases.append([])
+            held = 0
+        phases[-1].append(g)
+        held += ept
+    for phase in phases:
+        for arr, sv, base, end, C, tag in phase:
+            for it in range(K._cdiv(b * C, NT)):
+                L += [f"    x{tag}{it} = ZERO", f"    if tid + U{it * NT} < {end}:",
+                      f"        x{tag}{it} = {arr}[{base} + U{it * NT}] + {sv}"]
+        for arr, sv, base, end, C, tag in phase:
+            for it in range(K._cdiv(b * C, NT)):
+                L += [f"    if tid + U{it * NT} < {end}:", f"        {arr}[{base} + U{it * NT}] = x{tag}{it}"]
+    env = {"ZERO": np.dtype(dtype).type(0), "UD": np.uint64(d), "UDV": np.uint64(dv)}
+    return K.generated("add3", L, env, nconst=(K._cdiv(b * max(d, dv), NT) - 1) * NT + 1)
+
+
+@functools.cache
+def _block_dot(b, dv, NT, dtype):
+    """Device function: the thread's share of ``sum X[t] . Y[t]`` over block rows ``t0 .. t0 + T - 1``
+    of batch entry ``p`` of the flat (C-contiguous, ``dv`` columns) arrays ``X``, ``Y``: one contiguous
+    range, read in rounds of 16 loads of each before the products (registers, no spills)."""
+    EPT = K._cdiv(b * dv, NT)
+    L = ["def dot(X, Y, p, n, t0, T):", "    tid = uint64(cuda.threadIdx.x)",
+         "    base = (uint64(p) * uint64(n) + uint64(t0)) * UDV + tid", "    end = uint64(T) * UDV", "    s = ZERO"]
+    for r0 in range(0, EPT, 16):
+        its = range(r0, min(EPT, r0 + 16))
+        for it in its:
+            L += [f"    x{it} = ZERO", f"    y{it} = ZERO", f"    if tid + U{it * NT} < end:",
+                  f"        x{it} = X[base + U{it * NT}]", f"        y{it} = Y[base + U{it * NT}]"]
+        L += [f"    s += x{it} * y{it}" for it in its]
     L += ["    return s"]
-    return K.generated("rows", L, {"ZERO": np.dtype(dtype).type(0), "UC": np.uint64(C)}, nconst=(EPT - 1) * NT + 1)
+    return K.generated("dot", L, {"ZERO": np.dtype(dtype).type(0), "UDV": np.uint64(dv)},
+                       nconst=(EPT - 1) * NT + 1)
 
 
 @functools.cache
@@ -1307,14 +1351,13 @@ def _pgrad_apply_kernel(b, d, dv, NT, PTl, dtype):
     nbt = K._numba_type(dtype)
     ZERO = np.dtype(dtype).type(0)
     ONE = np.dtype(dtype).type(1)
-    add_q = _block_rows(b, d, NT, dtype, "add")
-    add_v = _block_rows(b, dv, NT, dtype, "add")
-    dot = _block_rows(b, dv, NT, dtype, "dot")
+    add3 = _block_rows_add3(b, d, dv, NT, dtype)
+    dot = _block_dot(b, dv, NT, dtype)
     rsum = _block_reduce(NT, dtype, False)
 
     @cuda.jit
     def kernel(dq, dk, dvv, dqp, dkp, dvp, Xsum, gdx, dy, y, gamma, scale, gsum):
-        n = dq.shape[1]
+        n = dq.size // (Xsum.shape[0] * d)  # dq, dk, dvv, dy, y flat
         m = Xsum.shape[1]
         npt = (m + PTl - 1) // PTl
         blk = cuda.blockIdx.x
@@ -1325,7 +1368,7 @@ def _pgrad_apply_kernel(b, d, dv, NT, PTl, dtype):
         vk = cuda.shared.array(d, nbt)
         vv = cuda.shared.array(dv, nbt)
         red = cuda.shared.array(NT, nbt)
-        if p >= dq.shape[0]:
+        if p >= Xsum.shape[0]:
             return
         t0 = Kb * b
         T = min(n - t0, b)
@@ -1347,15 +1390,15 @@ def _pgrad_apply_kernel(b, d, dv, NT, PTl, dtype):
                 s3 += dvp[p, it, Kb, c]
             vv[c] = s3
             part += Xsum[p, Kb, c] * s3
-        part -= dot(dy, y, p, t0, T) / (ONE - gamma[p])
+        part -= dot(dy, y, p, n, t0, T) / (ONE - gamma[p])  # dy, y flat
         cuda.syncthreads()
-        add_q(dq, vq, p, t0, T)
-        add_q(dk, vk, p, t0, T)
-        add_v(dvv, vv, p, t0, T)
+        add3(dq, dk, dvv, vq, vk, vv, p, n, t0, T)  # dq, dk, dvv flat
         tot = rsum(red, part)
         if tid == 0:
             gsum[p, Kb] = gdx[p, Kb] + tot
 
+    # two thread blocks an SM at 92 registers held too few loads in flight for this memory pass
+    K.LAUNCH_BOUNDS[id(kernel)] = (NT, max(1, 1024 // NT))
     return kernel
 
 
@@ -1376,7 +1419,8 @@ def pooled_grads(xp, W, Gu, Rsum, asum, sqbar, kbarT, gdx, Xsum, dy, y, gamma, b
     K._launch(_pgrad_kernel(d, dv, PTl, b, dt), B * npt * npt, (PTl // 4) ** 2, None,
               (W, Gu, Rsum, asum, sqbar, kbarT, n, dqp, dkp, dvp))
     K._launch(_pgrad_apply_kernel(b, d, dv, nthr, PTl, dt), B * m, nthr, None,
-              (dq, dk, dvv, dqp, dkp, dvp, Xsum, gdx, dy, y, gamma, dt.type(scale), gsum))
+              (dq.reshape(-1), dk.reshape(-1), dvv.reshape(-1), dqp, dkp, dvp, Xsum, gdx, dy.reshape(-1),
+               y.reshape(-1), gamma, dt.type(scale), gsum))
     return gsum.sum(axis=-1)
 
 
