@@ -233,7 +233,6 @@ def chain_attention_vjp_fast(q, k, v, gamma, dy, *rest, method="blockwise", bloc
     case = _fast_case(q, k, v, gamma, method, block_size, topk, scale, check_finite)
     if case is None or not _like_v(dy, v) or not (y is None or _like_v(y, v)):
         return NotImplemented
-    from ._blockwise import backward
     from ._fused import SYNC_HEAD, raise_nonfinite
 
     B, n, d, dv, b, dev, g = case
@@ -242,13 +241,34 @@ def chain_attention_vjp_fast(q, k, v, gamma, dy, *rest, method="blockwise", bloc
         q, k, v, dy = q.reshape(B, n, d), k.reshape(B, n, d), v.reshape(B, n, dv), dy.reshape(B, n, dv)
         y = None if y is None else y.reshape(B, n, dv)
     flags = _cp().zeros(SYNC_HEAD, dtype=np.int32)
-    dq, dk, dvv, dg = backward(_cp(), q, k, v, g, b, 1.0 / math.sqrt(d), dy, y=y, flags=flags)
+    dq, dk, dvv, dg, bad = _checked_backward(q, k, v, g, b, 1.0 / math.sqrt(d), dy, y, flags, check_finite)
     if check_finite:
-        raise_nonfinite(flags.get(), ("q", "k", "v", "dy"))
+        raise_nonfinite(bad, ("q", "k", "v", "dy"))
     out = [x.reshape(shp) for x, shp in zip((dq, dk, dvv), shapes)]
     if return_dgamma:
         out.append(unbroadcast(dg.reshape(shapes[0][:-2]), ()).astype(_F32, copy=False))
     return tuple(out)
+
+
+def _checked_backward(q, k, v, g, b, scale, dy, y, flags, check):
+    """The fused backward with its non-finite flags: ``(dq, dk, dv, dgamma, flags on the host)``
+    (``None`` for the flags when not ``check``).  The flags are copied back on a side stream as soon
+    as the kernel that sets the last of them has run, so the call waits for that kernel, not for
+    the whole backward (``_fused.copy_flags_after``)."""
+    from ._blockwise import backward
+    from ._fused import copy_flags_after
+
+    got = []
+    hook = (lambda: got.append(copy_flags_after(_cp().cuda.get_current_stream(), flags.data.ptr, 4))) if check \
+        else None
+    dq, dk, dvv, dg = backward(_cp(), q, k, v, g, b, scale, dy, y=y, flags=flags, flags_set=hook)
+    if not check:
+        return dq, dk, dvv, dg, None
+    if not got:  # no kernel set the flags early (not expected on this path): read them at the end
+        return dq, dk, dvv, dg, flags.get()
+    done, bad = got[0]
+    done.synchronize()
+    return dq, dk, dvv, dg, bad
 
 
 def chain_attention_vjp(q, k, v, gamma, dy, *, method="blockwise", block_size=None, topk=0, scale=None,
@@ -289,9 +309,9 @@ def chain_attention_vjp(q, k, v, gamma, dy, *, method="blockwise", block_size=No
         from ._fused import SYNC_HEAD, raise_nonfinite
 
         flags = cp.zeros(SYNC_HEAD, dtype=np.int32)
-        grads = _blockwise.backward(cp, qf, kf, vf, g, b, scale, dyf, y=yf, flags=flags)
+        *grads, bad = _checked_backward(qf, kf, vf, g, b, scale, dyf, yf, flags, check_finite)
         if check_finite:
-            raise_nonfinite(flags.get(), ("q", "k", "v", "dy"))
+            raise_nonfinite(bad, ("q", "k", "v", "dy"))
     else:
         grads = _blockwise.backward(cp, qf, kf, vf, g, b, scale, dyf, y=yf)
     dq, dk, dvv, dg = grads

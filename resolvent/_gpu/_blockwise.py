@@ -205,13 +205,15 @@ def checks_inputs(dtype, b) -> bool:
     return _fused.supported(dtype, b)
 
 
-def backward(xp, q, k, v, gamma, b, scale, dy, y=None, *, stream=None, nt=None, flags=None):
+def backward(xp, q, k, v, gamma, b, scale, dy, y=None, *, stream=None, nt=None, flags=None, flags_set=None):
     """``(dq, dk, dv, dgamma)`` of :func:`forward`; ``y`` (its output) saves recomputing it.
 
     float32 with ``b <= MAX_BLOCK`` reads ``y`` and ``dy`` in its kernels (``X = y / (1 - gamma)``
     and ``dX = (1 - gamma) dy`` are never formed), and sets ``flags[0:4]`` (int32 on the device,
     zeroed by the caller; see :func:`checks_inputs`) where q, k, v or dy holds a non-finite value;
-    other cases the kernels of :mod:`._kernels`, which do not look (the caller checks first)."""
+    ``flags_set`` is then called as soon as the kernel that sets the last of them is queued (the
+    caller may copy them back while the rest runs); other cases the kernels of :mod:`._kernels`,
+    which do not look (the caller checks first)."""
     if y is None:  # unchecked: the kernels below flag non-finite input (or the caller checked)
         y = forward(xp, q, k, v, gamma, b, scale, stream=stream, nt=nt, check=False)
     B, n, d = q.shape
@@ -239,6 +241,8 @@ def backward(xp, q, k, v, gamma, b, scale, dy, y=None, *, stream=None, nt=None, 
     gd = xp.empty((B, m), dtype=dt)
     if fused:
         _fused.backward_solve(q, k, gamma, b, scale, c, psum, dy, Dst, u, G, hp, rr, gd, flags, nt=nt)
+        if flags_set is not None:
+            flags_set()
     else:
         X = y / (1 - g1)
         K.backward_solve(q, k, gamma, b, scale, c, pooled, (1 - g1) * dy, Dst, u, G, hp, rr, gd, nt=nt)

@@ -1545,24 +1545,57 @@ class _Plan:
         self.arg_idx = np.array(arg_idx)
         self.lock = threading.Lock()  # the words are shared: one call patches and launches at a time
 
-    def run(self, q, k, v, gamma, scale):
-        """Queue the forward on CuPy's current stream; returns ``(Y, workspace, sync offset)``."""
+    def run(self, q, k, v, gamma, scale, check=False):
+        """Queue the forward on CuPy's current stream; returns ``(Y, workspace, flags)``: ``flags`` is
+        None, or with ``check`` ``(event, host int32 array)``: the event completes once the non-finite
+        flags of q, k, v are in the array.  They are final when the first kernel (``means``) ends,
+        so they are copied on a side stream that waits for that kernel only: the call then waits
+        for ``means``, not for the whole forward (the wait at the end cost 0.026 ms a call)."""
         import cupy
 
-        stream = cupy.cuda.get_current_stream().ptr
+        cur = cupy.cuda.get_current_stream()
+        stream = cur.ptr
         ws = cupy.empty(self.nbytes, dtype=np.uint8)
         X = cupy.empty(self.out_shape, dtype=q.dtype)
         base = ws.data.ptr
         ptr = {"q": q.data.ptr, "k": k.data.ptr, "v": v.data.ptr, "gamma": gamma.data.ptr, "X": X.data.ptr,
                "scale": int(np.float32(scale).view(np.uint32))}
         launch = cupy.cuda.driver.launchKernel
+        flags = None
         with self.lock:
             self.words[self.ws_idx] = self.ws_off + np.uint64(base)
             self.words[self.arg_idx] = [ptr[nm] for nm in self.arg_src]
             cupy.cuda.runtime.memsetAsync(base + self.offsets["sync"], 0, self.sync_bytes, stream)
-            for fn, grid3, nthr, _, params in self.calls:
+            for i, (fn, grid3, nthr, _, params) in enumerate(self.calls):
                 launch(fn.ptr, grid3[0], grid3[1], grid3[2], nthr, 1, 1, 0, stream, params, 0)
-        return X, ws, base + self.offsets["sync"]
+                if i == 0 and check:
+                    flags = copy_flags_after(cur, base + self.offsets["sync"])
+        return X, ws, flags
+
+
+_SIDE: dict = {}  #: device id -> the side stream that copies the non-finite flags back
+
+
+def copy_flags_after(stream, src, count=3):
+    """Copy ``count`` int32 flags at device address ``src`` to pinned host memory on a side stream,
+    once the work queued so far on ``stream`` is done; returns ``(event, flags)`` (wait on the
+    event before reading the flags).  The side stream is one per device, created on first use."""
+    import cupy
+
+    dev = cupy.cuda.runtime.getDevice()
+    side = _SIDE.get(dev)
+    if side is None:
+        side = _SIDE[dev] = cupy.cuda.Stream(non_blocking=True)
+    mem = cupy.cuda.alloc_pinned_memory(4 * count)
+    flags = np.frombuffer(mem, dtype=np.int32, count=count)
+    ready = cupy.cuda.Event(disable_timing=True)
+    ready.record(stream)
+    side.wait_event(ready)
+    cupy.cuda.runtime.memcpyAsync(flags.ctypes.data, src, 4 * count, cupy.cuda.runtime.memcpyDeviceToHost,
+                                  side.ptr)
+    done = cupy.cuda.Event(disable_timing=True)
+    done.record(side)
+    return done, flags
 
 
 _PLANS: dict = {}
@@ -1594,8 +1627,6 @@ def run_plan(q, k, v, gamma, b, scale, device, check=True):
     """The forward through its launch plan: ``q, k, v`` C-contiguous float32 CuPy arrays (B, n, d) and
     (B, n, dv) on ``device`` (the current one), ``gamma`` (B,) float32 there, ``b <= MAX_BLOCK``; the
     inputs are not checked here (:func:`forward_checked` and ``_api.chain_attention_fast`` do)."""
-    import cupy
-
     B, n, d = q.shape
     key = (B, n, d, v.shape[2], b, device)
     plan = _PLANS.get(key)
@@ -1603,13 +1634,11 @@ def run_plan(q, k, v, gamma, b, scale, device, check=True):
         if len(_PLANS) >= 32:
             _PLANS.clear()
         plan = _PLANS[key] = _Plan(B, n, d, v.shape[2], b, q.dtype)
-    y, ws, sync_ptr = plan.run(q, k, v, gamma, scale)
+    y, ws, flags = plan.run(q, k, v, gamma, scale, check)
     if not check:
         return y  # the workspace goes back to CuPy's pool, reusable by later work on this stream only
-    bad = np.empty(3, dtype=np.int32)
-    stream = cupy.cuda.get_current_stream()
-    cupy.cuda.runtime.memcpyAsync(bad.ctypes.data, sync_ptr, 12, cupy.cuda.runtime.memcpyDeviceToHost, stream.ptr)
-    stream.synchronize()
+    done, bad = flags
+    done.synchronize()  # the flags are in: means has run (the rest of the forward may still run)
     raise_nonfinite(bad)
     return y
 
