@@ -183,6 +183,42 @@ def test_fast_entry_equals_the_general_path(rng, monkeypatch):
         resolvent.chain_attention_vjp(q, k, v, 0.9, bad, y=v)
 
 
+CACHED_RUN = r"""
+import sys, numpy as np, cupy, resolvent
+from numba import cuda
+if sys.argv[1] == "cached":  # every kernel must come from the disk cache: compiling is an error
+    def refuse(*a, **k):
+        raise AssertionError("compiled a kernel that the cache holds")
+    cuda.compile_ptx_for_current_device = refuse
+rng = np.random.default_rng(7)
+q, k, v, dy = (cupy.asarray(x) for x in rng.standard_normal((4, 2, 150, 16)).astype(np.float32))
+y = resolvent.chain_attention(q, k, v, 0.7, block_size=16)
+g = resolvent.chain_attention_vjp(q, k, v, 0.7, dy, y=y, block_size=16)
+np.save(sys.argv[2], np.concatenate([cupy.asnumpy(x).ravel() for x in (y,) + g]))
+"""
+
+
+def test_kernels_cached_on_disk(tmp_path):
+    """A second process finds every kernel of the float32 forward and backward in the PTX cache
+    (``resolvent/_gpu/_ptxcache.py``), compiles none, and computes the same numbers."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "RESOLVENT_KERNEL_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for mode in ("fresh", "cached"):
+        res = subprocess.run([sys.executable, "-c", CACHED_RUN, mode, str(tmp_path / f"{mode}.npy")], env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        if mode == "fresh":
+            files = sorted(p.name for p in (tmp_path / "cache").iterdir())
+            assert len(files) >= 6 and all(f.endswith(".ptx") for f in files)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == files
+    np.testing.assert_array_equal(np.load(tmp_path / "fresh.npy"), np.load(tmp_path / "cached.npy"))
+
+
 def test_solve_chain_and_shifts_match_cpu(rng):
     A = rng.standard_normal((3, 40, 40)) / 10
     B = rng.standard_normal((3, 40, 5))

@@ -559,15 +559,29 @@ def _fast_function(kern, argtypes):
 
     import cupy
 
+    from . import _ptxcache
+
     key = (id(kern), argtypes)
     fn = _FAST.get(key)
     if fn is None:
-        ptx, _ = cuda.compile_ptx_for_current_device(kern.py_func, argtypes,
-                                                     launch_bounds=LAUNCH_BOUNDS.get(id(kern)))
-        name = re.search(r"\.entry\s+([\w$]+)\s*\(", ptx).group(1)
-        mod = cupy.cuda.function.Module()
-        mod.load(ptx.encode())
-        fn = (mod, mod.get_function(name))
+        bounds = LAUNCH_BOUNDS.get(id(kern))
+        disk = _ptxcache.kernel_key(kern, argtypes, bounds, cuda.get_current_device().compute_capability)
+        ptx = _ptxcache.load(disk)  # compiled by an earlier process (numba took ~100 s for them all)
+        cached = ptx is not None
+        while True:
+            if ptx is None:
+                ptx, _ = cuda.compile_ptx_for_current_device(kern.py_func, argtypes, launch_bounds=bounds)
+                _ptxcache.store(disk, ptx)
+            try:
+                name = re.search(r"\.entry\s+([\w$]+)\s*\(", ptx).group(1)
+                mod = cupy.cuda.function.Module()
+                mod.load(ptx.encode())
+                fn = (mod, mod.get_function(name))
+                break
+            except (AttributeError, cupy.cuda.driver.CUDADriverError):
+                if not cached:
+                    raise
+                cached, ptx = False, None  # an entry this driver cannot load, or a damaged one: compile again
         _FAST[key] = fn
     return fn[1]
 
