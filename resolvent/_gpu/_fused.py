@@ -785,10 +785,16 @@ def _reduced_kernel(NT, dtype, NB, CW1, with_lz):
                 i = k1 + e // NB
                 inv_update(T1, D1, gs, i, e - (i - k1) * NB, k0)
             cuda.syncthreads()
-        # 2. acc = L_{J, <J} Z_{<J}, one finished block at a time
+        # 2. acc = L_{J, <J} Z_{<J}, one finished block at a time; R_J read before the waits
         acc = cuda.local.array(RPT, nbt)
+        rv = cuda.local.array(RPT, nbt)
         for r in range(RPT):
             acc[r] = ZERO
+            i = rg + RG * r
+            val = ZERO
+            if act and i < T and a0 + col < kc:
+                val = R[p, j0 + i, a0 + col]
+            rv[r] = val
         for J2 in range(J):
             k0 = J2 * NB
             load_L(L, p, j0, T, k0, m, T1)  # before the wait: off the serial chain (rows >= T are 0)
@@ -802,20 +808,14 @@ def _reduced_kernel(NT, dtype, NB, CW1, with_lz):
             if act:  # rows of T1 past T are zero
                 prod(T1, Zs, rg, col, acc)
             cuda.syncthreads()
-        # 3. Z_J = D1 (R_J + g_J acc)
-        if with_lz:  # L_JJ's strict lower part again, for L Z below (T1 is free: barrier above)
-            load_L(L, p, j0, T, j0, m, T1)
-            cuda.syncthreads()
-            for e in range(tid, NB * NB, NT):
-                i = e // NB
-                if e - i * NB >= i:
-                    T1[i, e - i * NB] = ZERO
+        # 3. Z_J = D1 (R_J + g_J acc): on the serial chain, so nothing else (R_J came in above, L_JJ
+        # for L Z comes in after the flag)
         for r in range(RPT):
             i = rg + RG * r
             if act and i < NB:
                 val = ZERO
-                if i < T and a0 + col < kc:
-                    val = R[p, j0 + i, a0 + col] + gs[i] * acc[r]
+                if i < T:
+                    val = rv[r] + gs[i] * acc[r]
                 Zs[i, col] = val
         cuda.syncthreads()
         zv = cuda.local.array(RPT, nbt)
@@ -832,11 +832,17 @@ def _reduced_kernel(NT, dtype, NB, CW1, with_lz):
         cuda.syncthreads()
         if tid == 0:
             cuda.atomic.add(sync, flag0 + J, int32(1))
-        if with_lz:  # 4. (L Z)_J = acc + L_JJ Z_J
+        if with_lz:  # 4. (L Z)_J = acc + L_JJ Z_J, off the chain (T1 and Zs are free: barrier above)
+            load_L(L, p, j0, T, j0, m, T1)
             for r in range(RPT):
                 i = rg + RG * r
                 if act and i < NB:
                     Zs[i, col] = zv[r]
+            cuda.syncthreads()
+            for e in range(tid, NB * NB, NT):  # L_JJ's strict lower part
+                i = e // NB
+                if e - i * NB >= i:
+                    T1[i, e - i * NB] = ZERO
             cuda.syncthreads()
             if act and a0 + col < kc:
                 prod(T1, Zs, rg, col, acc)
