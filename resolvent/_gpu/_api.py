@@ -97,7 +97,7 @@ def _prepare_qkv(q, k, v, finite=True):
     return flat(q, d), flat(k, d), flat(v, v.shape[-1]), batch, dt, out_dt
 
 
-_GAMMA: dict = {}  #: (value, batch, dtype, device), or (value, B, device) for float32 -> gamma on the device
+_GAMMA: dict = {}  #: (value, batch, dtype, device) -> gamma on the device, for a scalar gamma
 
 
 def _gamma(gamma, batch, dt):
@@ -107,7 +107,7 @@ def _gamma(gamma, batch, dt):
     cp = _cp()
     key = None
     if isinstance(gamma, (float, int, np.floating, np.integer)) and not isinstance(gamma, bool):
-        key = (float(gamma), tuple(batch), np.dtype(dt).str, cp.cuda.Device().id)
+        key = (float(gamma), tuple(batch), np.dtype(dt).str, cp.cuda.runtime.getDevice())
         hit = _GAMMA.get(key)
         if hit is not None:
             return hit
@@ -186,13 +186,7 @@ def _fast_case(q, k, v, gamma, method, block_size, topk, scale, check_finite):
     b = min(block_size or gpu_block_size(n), n)
     if b > _max_block():
         return None
-    g = _GAMMA.get((gamma, B, dev))
-    if g is None:
-        g = _gamma(gamma, (B,), _F32)
-        if len(_GAMMA) >= 64:
-            _GAMMA.clear()
-        _GAMMA[(gamma, B, dev)] = g
-    return B, n, d, dv, b, dev, g
+    return B, n, d, dv, b, dev, _gamma(gamma, (B,), _F32)
 
 
 def _like_v(x, v):

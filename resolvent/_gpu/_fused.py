@@ -1510,7 +1510,7 @@ class _Plan:
                                   memptr=ws.data + self.offsets[name]) for name, shape in bufs.items()}
         env.update(X=X, q=cupy.empty((B, n, d), dt), k=cupy.empty((B, n, d), dt),
                    v=cupy.empty((B, n, dv), dt), gamma=cupy.empty(B, dt), scale=dt.type(1))
-        self.launches = []
+        built = []
         for kern, grid, nthr, names in launches:
             args = tuple(env[nm] for nm in names)
             key, words = K._fast_args(args)
@@ -1528,15 +1528,15 @@ class _Plan:
                     sources.append(nm)
                     pos += 5 + 2 * a.ndim
             grid3 = (grid + (1, 1))[:3] if isinstance(grid, tuple) else (grid, 1, 1)
-            self.launches.append((fn, grid3, nthr, words, np.array(slots), sources))
+            built.append((fn, grid3, nthr, words, np.array(slots), sources))
         # every launch's words in one buffer that the calls patch in place, and each launch's array
         # of pointers to its words built once: a call then costs two NumPy assignments and the six
         # cuLaunchKernel calls (the driver copies the words before it returns), not ~10 us a launch
         # of copies and ``ndarray.ctypes`` lookups
-        self.words = np.concatenate([w for _, _, _, w, _, _ in self.launches]).astype(np.uint64)
+        self.words = np.concatenate([w for _, _, _, w, _, _ in built]).astype(np.uint64)
         at = self.words.ctypes.data
         self.calls, ws_idx, ws_off, arg_idx, self.arg_src, first = [], [], [], [], [], 0
-        for fn, grid3, nthr, words, slots, sources in self.launches:
+        for fn, grid3, nthr, words, slots, sources in built:
             ptrs = np.arange(words.size, dtype=np.uint64) * np.uint64(8) + np.uint64(at + 8 * first)
             self.calls.append((fn, grid3, nthr, ptrs, ptrs.ctypes.data))
             for slot, nm in zip(slots, sources):
