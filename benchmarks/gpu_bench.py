@@ -257,6 +257,7 @@ def breakdown(B, n):
     bufs, launches = F._layout(B, n, D, D, b, None, dt)
     env = {name: cupy.empty(shape, dtype=np.int32 if name == "sync" else dt) for name, shape in bufs.items()}
     env.update(q=q, k=k, v=v, gamma=cupy.full(B, 0.9, dtype=dt), scale=np.float32(0.125))
+    env.update({nm: env[nm[:-1]].reshape(-1) for nm in F._FLAT})
     env["sync"][...] = 0
 
     def stage(kern, grid, nthr, names):

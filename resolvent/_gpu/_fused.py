@@ -245,7 +245,7 @@ def _tile_step(NT, NC):
 
 
 @functools.cache
-def _panel_subst(SB, dtype, transposed=False):
+def _panel_subst(SB, dtype, transposed=False, dv=0):
     """Device function: one thread's column of a panel's forward substitution, unrolled.
 
     Rows ``k0 .. k0 + SB - 1`` of ``(I - gamma D) x = rhs`` with ``rhs`` in ``ws[:, col]`` (the rows
@@ -255,7 +255,10 @@ def _panel_subst(SB, dtype, transposed=False):
     fix-up), so the chain from one row to the next is three instructions.  The shared tiles have
     whole panels of rows; rows at or past ``T`` are computed on whatever they hold and never stored.
     Writes ``X`` (or ``h``) and ``ws[:, col] = w`` for the rows below; returns the column's sum of
-    ``x`` over the panel.
+    ``x`` over the panel.  ``v``, ``X`` and ``h`` are flat (rows of ``dv`` entries; ``h`` one a row),
+    ``row0`` the block's first row among them and ``last`` the last index of ``v``: every global
+    index is a base plus a constant (three-dimensional indices cost some thirty integer
+    instructions each).
 
     ``transposed``: the backward's solve, on the block's rows reversed (``S`` holding ``D`` reflected
     about its anti-diagonal, so that ``(I - gamma D)^T`` is lower triangular again): ``w_r = gamma
@@ -269,12 +272,12 @@ def _panel_subst(SB, dtype, transposed=False):
              "    tb = uint64(t0 + T - 1 - k0)"]
         out, hout, row, weight, vr = "G", "hp", "tb - U{r}", "us[ku + U{r}] * ", ""
     else:
-        L = ["def subst(S, ws, minv, k0, T, col, gam, isv, ish, v, X, h, p, t0, a0, nm1):",
-             "    ku = uint64(k0)", "    cu = uint64(col)", "    pu = uint64(p)", "    c = uint64(a0 + col)",
-             "    tv = uint64(t0 + k0)", "    last = uint64(nm1)", "    if isv:"]
-        L += [f"        v{r} = v[pu, min(tv + U{r}, last), c]" for r in range(SB)]
+        L = ["def subst(S, ws, minv, k0, T, col, gam, isv, ish, v, X, h, row0, a0, last):",
+             "    ku = uint64(k0)", "    cu = uint64(col)", "    hr = uint64(row0) + ku",
+             "    vb = hr * UDV + uint64(a0 + col)", "    if isv:"]
+        L += [f"        v{r} = v[min(vb + V{r}, uint64(last))]" for r in range(SB)]
         L += ["    else:"] + [f"        v{r} = ZERO" for r in range(SB)]
-        out, hout, row, weight, vr = "X", "h", "tv + U{r}", "", "v{r} + "
+        out, hout, row, weight, vr = "X", "h", "vb + V{r}", "", "v{r} + "
     for r in range(SB):
         terms = "".join(f" + S[ku + U{r}, ku + U{j}] * w{j}" for j in range(r))
         L += [f"    x{r} = (ws[ku + U{r}, cu]{terms}) * minv[ku + U{r}]", f"    w{r} = {vr.format(r=r)}gam * x{r}"]
@@ -291,8 +294,12 @@ def _panel_subst(SB, dtype, transposed=False):
             return out_lines
 
         lines = rowwise(ind, lambda r: [f"ws[ku + U{r}, cu] = w{r}", f"cs += {weight.format(r=r)}x{r}"])
-        lines += [f"{ind}if isv:"] + rowwise(ind + "    ", lambda r: [f"{out}[pu, {row.format(r=r)}, c] = x{r}"])
-        lines += [f"{ind}elif ish:"] + rowwise(ind + "    ", lambda r: [f"{hout}[pu, {row.format(r=r)}] = x{r}"])
+        if transposed:
+            lines += [f"{ind}if isv:"] + rowwise(ind + "    ", lambda r: [f"{out}[pu, {row.format(r=r)}, c] = x{r}"])
+            lines += [f"{ind}elif ish:"] + rowwise(ind + "    ", lambda r: [f"{hout}[pu, {row.format(r=r)}] = x{r}"])
+        else:  # flat X and h
+            lines += [f"{ind}if isv:"] + rowwise(ind + "    ", lambda r: [f"X[vb + V{r}] = x{r}"])
+            lines += [f"{ind}elif ish:"] + rowwise(ind + "    ", lambda r: [f"h[hr + U{r}] = x{r}"])
         return lines
 
     L += ["    cs = ZERO", f"    if k0 + {SB} <= T:  # a whole panel: no row tests"]
@@ -300,7 +307,54 @@ def _panel_subst(SB, dtype, transposed=False):
     L += ["    else:"]
     L += stores("        ", range(SB), True)
     L += ["    return cs"]
-    return K.generated("subst", L, {"ZERO": ZERO}, nconst=SB)
+    env = {"ZERO": ZERO, "UDV": np.uint64(dv)}
+    env.update({f"V{r}": np.uint64(r * dv) for r in range(SB)})
+    return K.generated("subst", L, env, nconst=SB)
+
+
+@functools.cache
+def _rhs_load(BPS, DV1, dv, NT, dtype):
+    """Device function: the right-hand sides of a pass of the within-block solve into shared ``ws``:
+    ``ws[t, j] = u_t P[a0 + j] + D_tt v[t, a0 + j]`` for the pass's value columns ``j < DV1`` and
+    ``ws[t, DV1] = gamma u_t`` in the first pass (the h column), zeros past ``T`` rows, ``dv``
+    columns and elsewhere.  ``v`` is flat, ``row0`` the block's first row.  A thread keeps one
+    column and every ``NT / DV1``-th row, its loads in flight before any store (the old kernel
+    stored the tile, then transformed it in a second loop: 14% of its instructions)."""
+    ZERO = np.dtype(dtype).type(0)
+    nbt = K._numba_type(dtype)
+    if NT % DV1:
+        @cuda.jit(device=True)
+        def rhs_rolled(v, row0, T, a0, ws, us, Ps, S, gam):
+            for e in range(cuda.threadIdx.x, BPS * (DV1 + 1), NT):
+                t = e // (DV1 + 1)
+                j = e - t * (DV1 + 1)
+                val = ZERO
+                if t < T:
+                    if j < DV1 and a0 + j < dv:
+                        val = us[t] * Ps[a0 + j] + S[t, t] * v[(row0 + t) * dv + a0 + j]
+                    elif j == DV1 and a0 == 0:
+                        val = gam * us[t]
+                ws[t, j] = val
+
+        return rhs_rolled
+    RS = NT // DV1
+    IT = K._cdiv(BPS, RS)
+    env = {"ZERO": ZERO, "UDV1": np.uint64(DV1), "UDV": np.uint64(dv), "UBPS": np.uint64(BPS),
+           "UNT": np.uint64(NT)}
+    env.update({f"R{it}": np.uint64(it * RS) for it in range(IT)})
+    env.update({f"O{it}": np.uint64(it * RS * dv) for it in range(IT)})
+    L = ["def rhs(v, row0, T, a0, ws, us, Ps, S, gam):", "    tid = uint64(cuda.threadIdx.x)",
+         "    i = tid // UDV1", "    j = tid - i * UDV1", "    cj = uint64(a0) + j", "    Tu = uint64(T)",
+         "    ok = cj < UDV", "    off = (uint64(row0) + i) * UDV + cj", "    pj = ZERO", "    if ok:",
+         "        pj = Ps[cj]"]
+    for it in range(IT):
+        L += [f"    x{it} = ZERO", f"    if ok and i + R{it} < Tu:", f"        x{it} = v[off + O{it}]"]
+    for it in range(IT):
+        L += [f"    r = i + R{it}", "    if r < UBPS:", "        val = ZERO", "        if r < Tu:",
+              f"            val = us[r] * pj + S[r, r] * x{it}", "        ws[r, j] = val"]
+    L += ["    r = tid", "    while r < UBPS:", "        hv = ZERO", "        if r < Tu and a0 == 0:",
+          "            hv = gam * us[r]", "        ws[r, UDV1] = hv", "        r += UNT"]
+    return K.generated("rhs", L, env)
 
 
 @functools.cache
@@ -602,24 +656,26 @@ def _rows_kernel(b, d, dv, NT, PTl, dtype):
     KC1 = min(KCF, d) + 1
     nbt = K._numba_type(dtype)
     ZERO = np.dtype(dtype).type(0)
-    tri_prod = K._tri_prod(BP, d, NT, dtype, False, KCF)
+    tri_prod = K._tri_prod(BP, d, NT, dtype, False, KCF, flat=True)
     row_stats = K._row_stats(NT, dtype)
     stats = _pooled_stats(PTl, b, dtype)
     DV1 = _widths(NT)[0]
     DV2 = DV1 + 2
     NCOL = DV1 + 1  # the value columns of a pass, then the h column
     UNCOL = np.uint64(NCOL)
-    UDV1 = np.uint64(DV1)
     step = _tile_step(NT, NCOL)
     SB = PANEL
-    subst = _panel_subst(SB, dtype)
+    subst = _panel_subst(SB, dtype, dv=dv)
     update = _panel_update(SB, dtype, False)
-    load_v = _tile_load(BP, DV1, NT, dtype)
+    rhs = _rhs_load(BPS, DV1, dv, NT, dtype)
 
     @cuda.jit
     def kernel(q, k, v, gamma, scale, c, psum, Pp, X, h, rr, g):
-        n = q.shape[1]
+        # q, k, v, X, h flat (C-contiguous (B, n, d), (B, n, dv), (B, n)): every global index a
+        # base plus a constant (_chunk_load_flat)
+        B = rr.shape[0]
         m = c.shape[1]
+        n = h.size // B
         blk = cuda.blockIdx.x
         p = blk // m
         I = blk - p * m
@@ -633,11 +689,12 @@ def _rows_kernel(b, d, dv, NT, PTl, dtype):
         us = cuda.shared.array(BP, nbt)
         minv = cuda.shared.array(BPS, nbt)
         Ps = cuda.shared.array(dv, nbt)
-        if p >= q.shape[0]:
+        if p >= B:
             return
         t0 = I * b
         T = min(n - t0, b)
         Tu = uint64(T)
+        row0 = p * n + t0  # the block's first row among the rows of the flat arrays
         gam = gamma[p]
         # the pooled part (the pooled-score tiles' kernels): shift, mass, P_I = sum_J W_IJ vsum_J
         cI, pooledI = stats(c, psum, p, I)
@@ -647,27 +704,14 @@ def _rows_kernel(b, d, dv, NT, PTl, dtype):
                 s += Pp[p, jt, I, a]
             Ps[a] = s  # read after tri_prod's barriers
         # the block: causal scores, normalised rows with the pooled mass, D and 1 / (1 - gamma D_tt)
-        tri_prod(q, k, k, ZERO, p, t0, T, S, qs, ks, scale, us)
+        tri_prod(q, k, k, ZERO, row0, t0, T, S, qs, ks, scale, us)
         row_stats(S, T, I > 0, cI, pooledI, gam, us, minv)
         # (I - gamma D) [X | h] = [D V + u P | gamma u] by panels of SB rows: within a panel a thread
         # per column substitutes (chains of at most SB - 1 terms), then every thread adds the
         # panel's rows to the rows below it (independent products); DV1 value columns a pass
         for a0 in range(0, dv, DV1):
             cw = min(DV1, dv - a0)
-            load_v(v, p, t0, T, a0, dv, ws)
-            cuda.syncthreads()
-            t = tid0  # unsigned throughout: a signed-unsigned mix would be typed float64
-            cc = cid0
-            cwu = uint64(cw)
-            a0u = uint64(a0)
-            while t < Tu:  # element tid + NT j of the (T, NCOL) tile, without a division a step
-                if cc < cwu:
-                    ws[t, cc] = us[t] * Ps[a0u + cc] + S[t, t] * ws[t, cc]
-                elif cc == UDV1 and a0 == 0:
-                    ws[t, cc] = gam * us[t]
-                else:
-                    ws[t, cc] = ZERO
-                t, cc = step(t, cc)
+            rhs(v, row0, T, a0, ws, us, Ps, S, gam)
             cuda.syncthreads()
             col = tid
             isv = col < cw
@@ -676,7 +720,7 @@ def _rows_kernel(b, d, dv, NT, PTl, dtype):
             for k0 in range(0, T, SB):
                 k1 = min(k0 + SB, T)
                 if isv or ish:
-                    cs += subst(S, ws, minv, k0, T, col, gam, isv, ish, v, X, h, p, t0, a0, n - 1)
+                    cs += subst(S, ws, minv, k0, T, col, gam, isv, ish, v, X, h, row0, a0, v.size - 1)
                 cuda.syncthreads()
                 i = uint64(k1) + tid0  # only full panels have rows below
                 cc = cid0
@@ -860,38 +904,55 @@ def _reduced_kernel(NT, dtype, NB, CW1, with_lz):
 def _combine_apply(b, dv, NT, dtype):
     """Device function: ``X[p, t0 + i, a] = om (X + h[p, t0 + i] WZ[p, I, a])`` over block ``I``'s
     ``T x dv`` entries, unrolled: a thread issues all its loads (``ceil(b dv / NT)`` of ``X``) before
-    its stores, so that enough bytes are in flight to run at the memory's rate."""
+    its stores, so that enough bytes are in flight to run at the memory's rate.  ``X`` and ``h``
+    are flat and ``row0`` is the block's first row: where ``dv`` divides ``NT`` a thread keeps one
+    column (one read of ``W Z``) and its elements are a base plus constants."""
     EPT = K._cdiv(b * dv, NT)
-    L = ["def apply(X, h, WZ, p, I, t0, T, om):", "    tid = uint64(cuda.threadIdx.x)", "    pu = uint64(p)",
-         "    Iu = uint64(I)", "    tu = uint64(t0)", "    Tu = uint64(T)"]
+    env = {"ZERO": np.dtype(dtype).type(0), "UDV": np.uint64(dv)}
+    L = ["def apply(X, h, WZ, p, I, row0, T, om):", "    tid = uint64(cuda.threadIdx.x)", "    pu = uint64(p)",
+         "    Iu = uint64(I)", "    ru = uint64(row0)", "    Tu = uint64(T)"]
+    if NT % dv == 0:
+        RS = NT // dv
+        EPT = K._cdiv(b, RS)
+        env.update({f"R{it}": np.uint64(it * RS) for it in range(EPT)})
+        env.update({f"O{it}": np.uint64(it * NT) for it in range(EPT)})
+        L += ["    i = tid // UDV", "    a = tid - i * UDV", "    w = WZ[pu, Iu, a]", "    off = (ru + i) * UDV + a",
+              "    hb = ru + i"]
+        for it in range(EPT):
+            L += [f"    x{it} = ZERO", f"    y{it} = ZERO", f"    if i + R{it} < Tu:",
+                  f"        x{it} = X[off + O{it}]", f"        y{it} = h[hb + R{it}] * w"]
+        for it in range(EPT):
+            L += [f"    if i + R{it} < Tu:", f"        X[off + O{it}] = om * (x{it} + y{it})"]
+        return K.generated("apply", L, env)
     for it in range(EPT):
         L += [f"    e{it} = tid + U{it * NT}" if it else "    e0 = tid", f"    i{it} = e{it} // UDV",
               f"    a{it} = e{it} - i{it} * UDV", f"    ok{it} = i{it} < Tu", f"    x{it} = ZERO", f"    y{it} = ZERO",
-              f"    if ok{it}:", f"        x{it} = X[pu, tu + i{it}, a{it}]",
-              f"        y{it} = h[pu, tu + i{it}] * WZ[pu, Iu, a{it}]"]
+              f"    if ok{it}:", f"        x{it} = X[(ru + i{it}) * UDV + a{it}]",
+              f"        y{it} = h[ru + i{it}] * WZ[pu, Iu, a{it}]"]
     for it in range(EPT):
-        L += [f"    if ok{it}:", f"        X[pu, tu + i{it}, a{it}] = om * (x{it} + y{it})"]
-    return K.generated("apply", L, {"ZERO": np.dtype(dtype).type(0), "UDV": np.uint64(dv)},
-                       nconst=(EPT - 1) * NT + 1)
+        L += [f"    if ok{it}:", f"        X[(ru + i{it}) * UDV + a{it}] = om * (x{it} + y{it})"]
+    return K.generated("apply", L, env, nconst=(EPT - 1) * NT + 1)
 
 
 @functools.cache
 def _combine_kernel(b, dv, NT, dtype):
     """``X <- (1 - gamma) (X + h (W Z)_I)`` in place, one thread block per (batch entry, block);
-    ``W Z`` comes from the reduced kernel, so this is one pass over ``X`` and nothing else."""
+    ``W Z`` comes from the reduced kernel, so this is one pass over ``X`` and nothing else.  ``X``
+    and ``h`` are flat."""
     ONE = np.dtype(dtype).type(1)
     apply = _combine_apply(b, dv, NT, dtype)
 
     @cuda.jit
     def kernel(X, h, WZ, gamma):
-        n = X.shape[1]
+        B = WZ.shape[0]
         m = WZ.shape[1]
+        n = h.size // B
         blk = cuda.blockIdx.x
         p = blk // m
         I = blk - p * m
-        if p < X.shape[0]:
+        if p < B:
             t0 = I * b
-            apply(X, h, WZ, p, I, t0, min(n - t0, b), ONE - gamma[p])
+            apply(X, h, WZ, p, I, p * n + t0, min(n - t0, b), ONE - gamma[p])
 
     return kernel
 
@@ -1445,9 +1506,13 @@ def pooled_grads(xp, W, Gu, Rsum, asum, sqbar, kbarT, gdx, Xsum, dy, y, gamma, b
 # host
 
 
+_FLAT = ("q1", "k1", "v1", "X1", "h1")  #: argument names that stand for the flat view of q, k, v, X, h
+
+
 def _layout(B, n, d, dv, b, nt, dt):
     """The forward's buffers ``{name: shape}`` (``sync``: int32, the rest ``dt``) and its launches
-    ``[(kernel, grid, threads, argument names)]``; ``q k v gamma scale`` name the inputs."""
+    ``[(kernel, grid, threads, argument names)]``; ``q k v gamma scale`` name the inputs, a name of
+    :data:`_FLAT` the flat view of the array its first letter names."""
     m = K._cdiv(n, b)
     nthr = _threads(nt)
     mb = K._cdiv(m, NB)
@@ -1464,9 +1529,9 @@ def _layout(B, n, d, dv, b, nt, dt):
         (_means_kernel(b, nthr, dt), B * m, nthr, "q k v scale qbar kbarT vs c sync"),
         (_scores_kernel(d, PTl, dt), B * npt * npt, ntt, "qbar kbarT W c"),
         (_softmax_kernel(PTl, dt), B * npt * npt, ntt, "W c vs psum Pp"),
-        (_rows_kernel(b, d, dv, nblk, PTl, dt), B * m, nblk, "q k v gamma scale c psum Pp X h rr g"),
+        (_rows_kernel(b, d, dv, nblk, PTl, dt), B * m, nblk, "q1 k1 v1 gamma scale c psum Pp X1 h1 rr g"),
         (_reduced_kernel(nthr, dt, NB, cw, True), B * nch * mb, nthr, "W g rr Z WZ sync"),
-        (_combine_kernel(b, dv, nthr, dt), B * m, nthr, "X h WZ gamma"),
+        (_combine_kernel(b, dv, nthr, dt), B * m, nthr, "X1 h1 WZ gamma"),
     ]
     return bufs, [(kern, grid, nt_, names.split()) for kern, grid, nt_, names in launches]
 
@@ -1482,6 +1547,7 @@ def forward(xp, q, k, v, gamma, b, scale, *, nt=None):
     bufs, launches = _layout(B, n, d, v.shape[-1], b, nt, dt)
     env = {name: xp.empty(shape, dtype=dt) for name, shape in bufs.items() if name != "sync"}
     env.update(q=q, k=k, v=v, gamma=gamma, scale=dt.type(scale), sync=xp.zeros(bufs["sync"], dtype=np.int32))
+    env.update({nm: env[nm[:-1]].reshape(-1) for nm in _FLAT})
     for kern, grid, nthr, names in launches:
         K._launch(kern, grid, nthr, None, tuple(env[nm] for nm in names))
     return env["X"], env["sync"][:3]
@@ -1510,6 +1576,7 @@ class _Plan:
                                   memptr=ws.data + self.offsets[name]) for name, shape in bufs.items()}
         env.update(X=X, q=cupy.empty((B, n, d), dt), k=cupy.empty((B, n, d), dt),
                    v=cupy.empty((B, n, dv), dt), gamma=cupy.empty(B, dt), scale=dt.type(1))
+        env.update({nm: env[nm[:-1]].reshape(-1) for nm in _FLAT})
         built = []
         for kern, grid, nthr, names in launches:
             args = tuple(env[nm] for nm in names)
@@ -1525,7 +1592,7 @@ class _Plan:
                     pos += 1
                 else:
                     slots.append(pos + 4)  # (meminfo, parent, nitems, itemsize, data, shape, strides)
-                    sources.append(nm)
+                    sources.append(nm[:-1] if nm in _FLAT else nm)  # a flat view: the same pointer
                     pos += 5 + 2 * a.ndim
             grid3 = (grid + (1, 1))[:3] if isinstance(grid, tuple) else (grid, 1, 1)
             built.append((fn, grid3, nthr, words, np.array(slots), sources))
