@@ -93,14 +93,17 @@ CHILD = textwrap.dedent(
     # 64, so its flags chain), several column chunks, more than one thread group per column; the
     # pooled scores in tiles of GF.PT_SIM = 8 blocks (m = 13: two tiles a side, m = 21: three)
     from resolvent._gpu import _fused as GF
-    GF.NB, cw_saved = 4, GF.CW
-    for B, n, d, dv, b, nt, cw in ((2, 37, 3, 10, 3, 8, 64), (1, 50, 4, 3, 4, 16, 4), (1, 8, 2, 2, 8, 4, 64),
-                                   (1, 41, 3, 4, 2, 8, 64)):
-        GF.CW = cw
+    # (SMALL_M = 0: the blocked solver; SMALL_M = 16: the one-thread-block solver of short systems)
+    GF.NB, cw_saved, small_saved = 4, GF.CW, GF.SMALL_M
+    for B, n, d, dv, b, nt, cw, small in ((2, 37, 3, 10, 3, 8, 64, 0), (1, 50, 4, 3, 4, 16, 4, 0),
+                                          (1, 8, 2, 2, 8, 4, 64, 0), (1, 41, 3, 4, 2, 8, 64, 0),
+                                          (2, 37, 3, 10, 3, 8, 64, 16), (1, 41, 3, 4, 2, 8, 64, 32)):
+        GF.CW, GF.SMALL_M = cw, small
         q, k, v, dy, gam = inputs(B, n, d, dv)
         f32 = [x.astype(np.float32) for x in (q, k, v, gam)]
         y32 = GF.forward_checked(np, *f32, b, 0.8, nt=nt)
-        out[f"fused32_B{B}_n{n}_dv{dv}_b{b}_nt{nt}_cw{cw}"] = rel(y32, CB._forward_numpy(q, k, v, gam, b, 0.8))
+        out[f"fused32_B{B}_n{n}_dv{dv}_b{b}_nt{nt}_cw{cw}_small{small}"] = rel(y32, CB._forward_numpy(q, k, v, gam, b, 0.8))
+    GF.SMALL_M = 0
     # the pooled tiles against the NumPy float64 pooled scores, on buffers poisoned with NaN (every
     # entry that is read must have been written: W's upper part, c[0], each row's tile sums)
     class Poisoned:
@@ -168,7 +171,12 @@ CHILD = textwrap.dedent(
             out[f"fused32_reduced_{name}_m{m}_k{kcols}"] = rel(solver(np, *args, nt=16), ref)
             Z, MZ = solver(np, *args, with_product=True, nt=16)
             out[f"fused32_reduced_{name}_product_m{m}_k{kcols}"] = max(rel(Z, ref), rel(MZ, M @ ref))
-    GF.NB, GF.CW = 64, cw_saved
+            GF.SMALL_M = 16  # the same systems on the one-thread-block solver (partial panels, strips)
+            out[f"fused32_reduced_small_{name}_m{m}_k{kcols}"] = rel(solver(np, *args, nt=16), ref)
+            Z, MZ = solver(np, *args, with_product=True, nt=8)
+            out[f"fused32_reduced_small_{name}_product_m{m}_k{kcols}"] = max(rel(Z, ref), rel(MZ, M @ ref))
+            GF.SMALL_M = 0
+    GF.NB, GF.CW, GF.SMALL_M = 64, cw_saved, small_saved
 
     # the blocked reduced solver across several diagonal blocks (block 4 instead of 64)
     K.RED_NB = 4

@@ -25,6 +25,8 @@ only reorganises where it runs, so that a forward pass is six launches and no li
    block's flag is up, applies the inverse and raises its own flag.  Thread blocks take their
    ``(p, chunk, J)`` from an atomic ticket, so every block a thread block waits for was started
    before it: no deadlock whatever the scheduling, and the serial chain is ``m / NB`` short steps.
+   Systems of at most ``SMALL_M`` rows run :func:`_reduced_small_kernel` instead: one thread block
+   per column chunk substitutes the whole system by panels (no inverse, no waiting).
 6. :func:`_combine_kernel`: ``X <- (1 - gamma) (X + h (W Z)_I)`` in place.
 
 The backward (:func:`._blockwise.backward`) runs steps 1-3 (:func:`pooled`), the within-block
@@ -58,6 +60,8 @@ PANEL = 16  #: rows per panel of the blocked substitutions (even; divides NB and
 CW = 16  #: right-hand-side columns per thread block of the reduced system (fewer: shorter chain steps)
 CW_SHORT = 32  #: the same when the chain has at most two steps (64 would pass the 48 KB of static shared memory)
 SYNC_HEAD = 4  #: sync[0:3] non-finite q, k, v; sync[3] the reduced solve's ticket counter
+SMALL_M = 128  #: reduced systems of at most this many rows run in one thread block per column chunk
+CW_SMALL = 16  #: right-hand-side columns per thread block of those
 
 
 def supported(dtype, b) -> bool:
@@ -255,10 +259,10 @@ def _panel_subst(SB, dtype, transposed=False, dv=0):
     fix-up), so the chain from one row to the next is three instructions.  The shared tiles have
     whole panels of rows; rows at or past ``T`` are computed on whatever they hold and never stored.
     Writes ``X`` (or ``h``) and ``ws[:, col] = w`` for the rows below; returns the column's sum of
-    ``x`` over the panel.  ``v``, ``X`` and ``h`` are flat (rows of ``dv`` entries; ``h`` one a row),
-    ``row0`` the block's first row among them and ``last`` the last index of ``v``: every global
-    index is a base plus a constant (three-dimensional indices cost some thirty integer
-    instructions each).
+    ``x`` over the panel.  In the forward, ``v``, ``X`` and ``h`` are flat (rows of ``dv`` entries;
+    ``h`` one a row), ``row0`` the block's first row among them and ``last`` the last index of
+    ``v``: every global index is a base plus a constant (three-dimensional indices cost some
+    thirty integer instructions each).
 
     ``transposed``: the backward's solve, on the block's rows reversed (``S`` holding ``D`` reflected
     about its anti-diagonal, so that ``(I - gamma D)^T`` is lower triangular again): ``w_r = gamma
@@ -321,7 +325,6 @@ def _rhs_load(BPS, DV1, dv, NT, dtype):
     column and every ``NT / DV1``-th row, its loads in flight before any store (the old kernel
     stored the tile, then transformed it in a second loop: 14% of its instructions)."""
     ZERO = np.dtype(dtype).type(0)
-    nbt = K._numba_type(dtype)
     if NT % DV1:
         @cuda.jit(device=True)
         def rhs_rolled(v, row0, T, a0, ws, us, Ps, S, gam):
@@ -897,6 +900,129 @@ def _reduced_kernel(NT, dtype, NB, CW1, with_lz):
 
     if CW1 == CW_SHORT and NT == 256:  # short chains (at most two steps), many thread blocks: two an SM
         K.LAUNCH_BOUNDS[id(kernel)] = (NT, 2)  # (0.063 -> 0.056 ms at (64, 4096); long chains lose)
+    return kernel
+
+
+@functools.cache
+def _unit_panel(SB):
+    """Device function: rows ``k0 .. k0 + SB - 1`` of column ``c`` of ``(I - diag(gs) L) Z = R``,
+    unrolled: ``a_i = acc[i, c] + sum_{k0 <= j < i} Ls[i, j - k0] z_j`` (``acc`` holding the rows
+    above the panel), ``z_i = ws[i, c] + gs[i] a_i``; writes ``z`` over ``R`` in ``ws`` and ``a``
+    (row ``i`` of ``L Z``) to ``acc``."""
+    L = ["def unit_panel(Ls, ws, acc, gs, k0, c):", "    ku = uint64(k0)", "    cu = uint64(c)"]
+    for r in range(SB):
+        terms = "".join(f" + Ls[ku + U{r}, U{j}] * z{j}" for j in range(r))
+        L += [f"    a{r} = acc[ku + U{r}, cu]{terms}", f"    z{r} = ws[ku + U{r}, cu] + gs[ku + U{r}] * a{r}",
+              f"    acc[ku + U{r}, cu] = a{r}", f"    ws[ku + U{r}, cu] = z{r}"]
+    return K.generated("unit_panel", L, nconst=SB)
+
+
+@functools.cache
+def _strip_update(SB):
+    """Device function: ``acc[i, c] += sum_{j < SB} Ls[i, j] ws[k0 + j, c]``, unrolled."""
+    L = ["def strip_update(Ls, ws, acc, i, c, k0):", "    iu = uint64(i)", "    cu = uint64(c)", "    ku = uint64(k0)"]
+    for a in range(4):
+        terms = [f"Ls[iu, U{j}] * ws[ku + U{j}, cu]" for j in range(a, SB, 4)]
+        L += [f"    s{a} = " + (" + ".join(terms) if terms else "ZERO")]
+    L += ["    acc[iu, cu] += (s0 + s1) + (s2 + s3)"]
+    return K.generated("strip_update", L, {"ZERO": np.float32(0)}, nconst=SB)
+
+
+@functools.cache
+def _reduced_small_kernel(NT, dtype, MM, CW1, with_lz):
+    """:func:`_reduced_kernel` for ``m <= MM``: one thread block per (batch entry, ``CW1`` columns)
+    solves the whole system by panels of ``PANEL`` rows (a thread per column substitutes a panel,
+    then every thread adds its rows to ``L Z`` of the rows below), reading ``L`` a strip of
+    ``PANEL`` columns at a time, the next strip's loads in flight during a panel.  No diagonal
+    block is inverted and no thread block waits for another: at (64, 4096) (m = 128) the blocked
+    kernel spent 0.057 ms, mostly on inverting the same diagonal blocks in every column chunk.
+    ``L Z`` comes out of the substitution (row ``i``'s sum before ``g_i`` scales it)."""
+    SB = min(PANEL, MM)
+    MMS = K._cdiv(MM, SB) * SB
+    CW2 = CW1 + 1
+    SB1 = SB + 1
+    nbt = K._numba_type(dtype)
+    ZERO = np.dtype(dtype).type(0)
+    LIT = K._cdiv(MMS * SB, NT)  # strip entries a thread loads
+    panel = _unit_panel(SB)
+    update = _strip_update(SB)
+
+    @cuda.jit
+    def kernel(L, g, R, Z, LZ, sync):
+        m = L.shape[1]
+        kc = R.shape[2]
+        nch = (kc + CW1 - 1) // CW1
+        blk = cuda.blockIdx.x
+        p = blk // nch
+        ch = blk - p * nch
+        if p >= L.shape[0]:
+            return
+        tid = cuda.threadIdx.x
+        a0 = ch * CW1
+        ws = cuda.shared.array((MMS, CW2), nbt)  # R, then Z
+        acc = cuda.shared.array((MMS, CW2), nbt)  # the rows' sums of L Z so far
+        Ls = cuda.shared.array((2, MMS, SB1), nbt)  # L[:, k0 : k0 + SB], two strips
+        gs = cuda.shared.array(MMS, nbt)
+        buf = cuda.local.array(LIT, nbt)
+        for e in range(tid, MMS * CW1, NT):
+            i = e // CW1
+            c = e - i * CW1
+            val = ZERO
+            if i < m and a0 + c < kc:
+                val = R[p, i, a0 + c]
+            ws[i, c] = val
+            acc[i, c] = ZERO
+        for i in range(tid, MMS, NT):
+            gs[i] = g[p, i] if i < m else ZERO
+        # strip 0 (L's strict lower part only; zeros elsewhere)
+        for it in range(LIT):
+            e = tid + it * NT
+            i = e // SB
+            j = e - i * SB
+            val = ZERO
+            if i < m and j < i:
+                val = L[p, i, j]
+            buf[it] = val
+        for it in range(LIT):
+            e = tid + it * NT
+            i = e // SB
+            if i < MMS:
+                Ls[0, i, e - i * SB] = buf[it]
+        cuda.syncthreads()
+        cur = 0
+        for k0 in range(0, m, SB):
+            k1 = k0 + SB
+            for it in range(LIT):  # the next strip's loads, in flight during this panel
+                e = tid + it * NT
+                i = e // SB
+                j = k1 + e - i * SB
+                val = ZERO
+                if i < m and j < i and k1 < m:
+                    val = L[p, i, j]
+                buf[it] = val
+            if tid < CW1:
+                panel(Ls[cur], ws, acc, gs, k0, tid)
+            cuda.syncthreads()
+            for e in range(tid, (m - min(k1, m)) * CW1, NT):
+                i = k1 + e // CW1
+                update(Ls[cur], ws, acc, i, e - (i - k1) * CW1, k0)
+            nxt = 1 - cur
+            for it in range(LIT):
+                e = tid + it * NT
+                i = e // SB
+                if i < MMS:
+                    Ls[nxt, i, e - i * SB] = buf[it]
+            cuda.syncthreads()
+            cur = nxt
+        for e in range(tid, m * CW1, NT):
+            i = e // CW1
+            c = e - i * CW1
+            if a0 + c < kc:
+                Z[p, i, a0 + c] = ws[i, c]
+                if with_lz:
+                    LZ[p, i, a0 + c] = acc[i, c]
+
+    K.LAUNCH_BOUNDS[id(kernel)] = (NT, 2)  # two an SM: (64, 4096) has 256 of them (136 registers: one)
     return kernel
 
 
@@ -1506,6 +1632,20 @@ def pooled_grads(xp, W, Gu, Rsum, asum, sqbar, kbarT, gdx, Xsum, dy, y, gamma, b
 # host
 
 
+def _reduced_launch(m, kc, nthr, nt, dt, with_lz):
+    """``(kernel, thread blocks per batch entry, column chunks, diagonal blocks)`` of the reduced
+    system with ``m`` rows and ``kc`` right-hand sides: :func:`_reduced_small_kernel` for ``m <=
+    SMALL_M``, else the blocked :func:`_reduced_kernel`."""
+    if m <= SMALL_M:
+        cw = min(CW_SMALL, nthr)
+        nch = K._cdiv(kc, cw)
+        return _reduced_small_kernel(nthr, dt, SMALL_M, cw, with_lz), nch, nch, 1
+    mb = K._cdiv(m, NB)
+    cw = _reduced_width(mb, nt)
+    nch = K._cdiv(kc, cw)
+    return _reduced_kernel(nthr, dt, NB, cw, with_lz), nch * mb, nch, mb
+
+
 _FLAT = ("q1", "k1", "v1", "X1", "h1")  #: argument names that stand for the flat view of q, k, v, X, h
 
 
@@ -1515,9 +1655,7 @@ def _layout(B, n, d, dv, b, nt, dt):
     :data:`_FLAT` the flat view of the array its first letter names."""
     m = K._cdiv(n, b)
     nthr = _threads(nt)
-    mb = K._cdiv(m, NB)
-    cw = _reduced_width(mb, nt)
-    nch = K._cdiv(dv, cw)
+    red, rgrid, nch, mb = _reduced_launch(m, dv, nthr, nt, dt, True)
     nblk = _block_threads(b, nt)
     PTl = _pooled_tile()
     npt = K._cdiv(m, PTl)
@@ -1530,7 +1668,7 @@ def _layout(B, n, d, dv, b, nt, dt):
         (_scores_kernel(d, PTl, dt), B * npt * npt, ntt, "qbar kbarT W c"),
         (_softmax_kernel(PTl, dt), B * npt * npt, ntt, "W c vs psum Pp"),
         (_rows_kernel(b, d, dv, nblk, PTl, dt), B * m, nblk, "q1 k1 v1 gamma scale c psum Pp X1 h1 rr g"),
-        (_reduced_kernel(nthr, dt, NB, cw, True), B * nch * mb, nthr, "W g rr Z WZ sync"),
+        (red, B * rgrid, nthr, "W g rr Z WZ sync"),
         (_combine_kernel(b, dv, nthr, dt), B * m, nthr, "X1 h1 WZ gamma"),
     ]
     return bufs, [(kern, grid, nt_, names.split()) for kern, grid, nt_, names in launches]
@@ -1602,20 +1740,24 @@ class _Plan:
         # of copies and ``ndarray.ctypes`` lookups
         self.words = np.concatenate([w for _, _, _, w, _, _ in built]).astype(np.uint64)
         at = self.words.ctypes.data
-        self.calls, ws_idx, ws_off, arg_idx, self.arg_src, first = [], [], [], [], [], 0
-        for fn, grid3, nthr, words, slots, sources in built:
+        # the words to patch in two groups: the first launch's, then the rest's (patched while the
+        # first kernel runs: the device idles until the first launch)
+        self.calls, groups, first = [], [([], [], [], []), ([], [], [], [])], 0
+        for li, (fn, grid3, nthr, words, slots, sources) in enumerate(built):
             ptrs = np.arange(words.size, dtype=np.uint64) * np.uint64(8) + np.uint64(at + 8 * first)
             self.calls.append((fn, grid3, nthr, ptrs, ptrs.ctypes.data))
+            ws_idx, ws_off, arg_idx, arg_src = groups[min(li, 1)]
             for slot, nm in zip(slots, sources):
                 if nm in self.offsets:
                     ws_idx.append(first + slot)
                     ws_off.append(self.offsets[nm])
                 else:
                     arg_idx.append(first + slot)
-                    self.arg_src.append(nm)
+                    arg_src.append(nm)
             first += words.size
-        self.ws_idx, self.ws_off = np.array(ws_idx), np.array(ws_off, dtype=np.uint64)
-        self.arg_idx = np.array(arg_idx)
+        self.groups = [(np.array(wi, dtype=np.intp), np.array(wo, dtype=np.uint64), np.array(ai, dtype=np.intp), tuple(src))
+                       for wi, wo, ai, src in groups]
+        self.scale_bits: dict = {}  # scale -> its float32 bits
         self.lock = threading.Lock()  # the words are shared: one call patches and launches at a time
 
     def run(self, q, k, v, gamma, scale, check=False):
@@ -1629,20 +1771,31 @@ class _Plan:
         cur = cupy.cuda.get_current_stream()
         stream = cur.ptr
         ws = cupy.empty(self.nbytes, dtype=np.uint8)
-        X = cupy.empty(self.out_shape, dtype=q.dtype)
-        base = ws.data.ptr
-        ptr = {"q": q.data.ptr, "k": k.data.ptr, "v": v.data.ptr, "gamma": gamma.data.ptr, "X": X.data.ptr,
-               "scale": int(np.float32(scale).view(np.uint32))}
+        base = np.uint64(ws.data.ptr)
+        bits = self.scale_bits.get(scale)
+        if bits is None:
+            bits = self.scale_bits[scale] = int(np.float32(scale).view(np.uint32))
+        ptr = {"q": q.data.ptr, "k": k.data.ptr, "v": v.data.ptr, "gamma": gamma.data.ptr, "scale": bits}
         launch = cupy.cuda.driver.launchKernel
         flags = None
+        words = self.words
         with self.lock:
-            self.words[self.ws_idx] = self.ws_off + np.uint64(base)
-            self.words[self.arg_idx] = [ptr[nm] for nm in self.arg_src]
-            cupy.cuda.runtime.memsetAsync(base + self.offsets["sync"], 0, self.sync_bytes, stream)
-            for i, (fn, grid3, nthr, _, params) in enumerate(self.calls):
+            ws_idx, ws_off, arg_idx, arg_src = self.groups[0]
+            words[ws_idx] = ws_off + base
+            words[arg_idx] = [ptr[nm] for nm in arg_src]
+            sync = int(base) + self.offsets["sync"]
+            cupy.cuda.runtime.memsetAsync(sync, 0, self.sync_bytes, stream)
+            fn, grid3, nthr, _, params = self.calls[0]
+            launch(fn.ptr, grid3[0], grid3[1], grid3[2], nthr, 1, 1, 0, stream, params, 0)
+            if check:
+                flags = copy_flags_after(cur, sync)
+            X = cupy.empty(self.out_shape, dtype=q.dtype)
+            ptr["X"] = X.data.ptr
+            ws_idx, ws_off, arg_idx, arg_src = self.groups[1]
+            words[ws_idx] = ws_off + base
+            words[arg_idx] = [ptr[nm] for nm in arg_src]
+            for fn, grid3, nthr, _, params in self.calls[1:]:
                 launch(fn.ptr, grid3[0], grid3[1], grid3[2], nthr, 1, 1, 0, stream, params, 0)
-                if i == 0 and check:
-                    flags = copy_flags_after(cur, base + self.offsets["sync"])
         return X, ws, flags
 
 
@@ -1767,18 +1920,16 @@ def backward_grads(q, k, v, y, gamma, b, scale, Dst, u, G, hp, WtZ, dq, dk, dvv,
 
 def reduced_solve(xp, L, g, R, *, with_product=False, nt=None):
     """``Z = (I - diag(g) L)^{-1} R`` for C-contiguous float32 ``L`` (B, m, m) strictly lower (its
-    upper part is not read), ``g`` (B, m), ``R`` (B, m, k): :func:`_reduced_kernel` in one launch.
+    upper part is not read), ``g`` (B, m), ``R`` (B, m, k): :func:`_reduced_kernel` (or
+    :func:`_reduced_small_kernel` for ``m <= SMALL_M``) in one launch.
     ``with_product``: ``(Z, L Z)``."""
     B, m, kc = R.shape
     nthr = _threads(nt)
-    mb = K._cdiv(m, NB)
-    cw = _reduced_width(mb, nt)
-    nch = K._cdiv(kc, cw)
+    kern, grid, nch, mb = _reduced_launch(m, kc, nthr, nt, np.dtype(R.dtype), with_product)
     Z = xp.empty((B, m, kc), dtype=R.dtype)
     LZ = xp.empty((B, m, kc) if with_product else (1, 1, 1), dtype=R.dtype)  # not touched unless wanted
     sync = xp.zeros(SYNC_HEAD + B * nch * mb, dtype=np.int32)
-    K._launch(_reduced_kernel(nthr, np.dtype(R.dtype), NB, cw, with_product), B * nch * mb, nthr, None,
-              (L, g, R, Z, LZ, sync))
+    K._launch(kern, B * grid, nthr, None, (L, g, R, Z, LZ, sync))
     return (Z, LZ) if with_product else Z
 
 
