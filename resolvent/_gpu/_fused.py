@@ -151,6 +151,45 @@ def _colsum(dtype, b=0):
 
 
 @functools.cache
+def _colsum_flat(dtype):
+    """Device function: ``sum_{t < T} src[base + t stride]`` (a column of a flat array), eight
+    loads in flight."""
+    ZERO = np.dtype(dtype).type(0)
+
+    @cuda.jit(device=True)
+    def colsum(src, base, T, stride):
+        a0 = ZERO
+        a1 = ZERO
+        a2 = ZERO
+        a3 = ZERO
+        t = 0
+        e = base
+        s8 = 8 * stride
+        while t + 8 <= T:
+            x0 = src[e]
+            x1 = src[e + stride]
+            x2 = src[e + 2 * stride]
+            x3 = src[e + 3 * stride]
+            x4 = src[e + 4 * stride]
+            x5 = src[e + 5 * stride]
+            x6 = src[e + 6 * stride]
+            x7 = src[e + 7 * stride]
+            a0 += x0 + x4
+            a1 += x1 + x5
+            a2 += x2 + x6
+            a3 += x3 + x7
+            t += 8
+            e += s8
+        while t < T:
+            a0 += src[e]
+            t += 1
+            e += stride
+        return (a0 + a1) + (a2 + a3)
+
+    return colsum
+
+
+@functools.cache
 def _tile_load(NR, NC, NT, dtype):
     """Device function: ``dst[i, j] = src[p, r0 + i, c0 + j]`` for ``i < NR, j < NC`` (zero where
     ``i >= T`` or ``c0 + j >= C``); each thread issues all its loads before its shared stores."""
@@ -198,6 +237,51 @@ def _tile_load_unrolled(NR, NC, NT, dtype):
         L += [f"    b{it} = ZERO", f"    if ok and i + U{it} < Tu:", f"        b{it} = src[pu, ru + U{it}, cj]"]
     for it in range(IT):
         L += [f"    if i + U{it} < UNR:", f"        dst[i + U{it}, j] = b{it}"]
+    return K.generated("tile_load", L, env)
+
+
+@functools.cache
+def _tile_load_flat(NR, NC, NT, dtype, RL):
+    """Device function: ``dst[i, j] = src[(row0 + i) RL + c0 + j]`` for ``i < NR, j < NC`` (zero
+    where ``i >= T`` or ``c0 + j >= RL``): :func:`_tile_load` on a flat array of rows of ``RL``
+    entries, ``row0`` the tile's first row among them.  Where ``NC`` divides ``NT`` a thread keeps
+    one column and its loads are a base plus constants."""
+    ZERO = np.dtype(dtype).type(0)
+    if NT % NC:
+        IT = K._cdiv(NR * NC, NT)
+        nbt = K._numba_type(dtype)
+
+        @cuda.jit(device=True)
+        def tile_load_rolled(src, row0, T, c0, dst):
+            tid = cuda.threadIdx.x
+            buf = cuda.local.array(IT, nbt)
+            for it in range(IT):
+                e = tid + it * NT
+                i = e // NC
+                j = e - i * NC
+                val = ZERO
+                if i < T and c0 + j < RL:
+                    val = src[(row0 + i) * RL + c0 + j]
+                buf[it] = val
+            for it in range(IT):
+                e = tid + it * NT
+                i = e // NC
+                if i < NR:
+                    dst[i, e - i * NC] = buf[it]
+
+        return tile_load_rolled
+    RS = NT // NC
+    IT = K._cdiv(NR, RS)
+    env = {"ZERO": ZERO, "UNC": np.uint64(NC), "UNR": np.uint64(NR), "URL": np.uint64(RL)}
+    env.update({f"R{it}": np.uint64(it * RS) for it in range(IT)})
+    env.update({f"O{it}": np.uint64(it * RS * RL) for it in range(IT)})
+    L = ["def tile_load(src, row0, T, c0, dst):", "    tid = uint64(cuda.threadIdx.x)",
+         "    i = tid // UNC", "    j = tid - i * UNC", "    cj = uint64(c0) + j", "    Tu = uint64(T)",
+         "    ok = cj < URL", "    off = (uint64(row0) + i) * URL + cj"]
+    for it in range(IT):
+        L += [f"    b{it} = ZERO", f"    if ok and i + R{it} < Tu:", f"        b{it} = src[off + O{it}]"]
+    for it in range(IT):
+        L += [f"    if i + R{it} < UNR:", f"        dst[i + R{it}, j] = b{it}"]
     return K.generated("tile_load", L, env)
 
 
@@ -259,29 +343,29 @@ def _panel_subst(SB, dtype, transposed=False, dv=0):
     fix-up), so the chain from one row to the next is three instructions.  The shared tiles have
     whole panels of rows; rows at or past ``T`` are computed on whatever they hold and never stored.
     Writes ``X`` (or ``h``) and ``ws[:, col] = w`` for the rows below; returns the column's sum of
-    ``x`` over the panel.  In the forward, ``v``, ``X`` and ``h`` are flat (rows of ``dv`` entries;
+    ``x`` over the panel.  ``v``, ``X``, ``h`` (``G``, ``hp``) are flat (rows of ``dv`` entries;
     ``h`` one a row), ``row0`` the block's first row among them and ``last`` the last index of
     ``v``: every global index is a base plus a constant (three-dimensional indices cost some
     thirty integer instructions each).
 
     ``transposed``: the backward's solve, on the block's rows reversed (``S`` holding ``D`` reflected
     about its anti-diagonal, so that ``(I - gamma D)^T`` is lower triangular again): ``w_r = gamma
-    x_r``; ``x_r`` goes to row ``t0 + T - 1 - (k0 + r)`` of ``G`` (or ``hp``), and the sum returned
-    is ``sum u_r x_r``.
+    x_r``; ``x_r`` goes to row ``row0 + T - 1 - (k0 + r)`` of the flat ``G`` (or ``hp``), and the
+    sum returned is ``sum u_r x_r``.
     """
     ZERO = np.dtype(dtype).type(0)
     if transposed:
-        L = ["def subst(S, ws, minv, us, k0, T, col, gam, isv, ish, G, hp, p, t0, a0):",
-             "    ku = uint64(k0)", "    cu = uint64(col)", "    pu = uint64(p)", "    c = uint64(a0 + col)",
-             "    tb = uint64(t0 + T - 1 - k0)"]
-        out, hout, row, weight, vr = "G", "hp", "tb - U{r}", "us[ku + U{r}] * ", ""
+        L = ["def subst(S, ws, minv, us, k0, T, col, gam, isv, ish, G, hp, row0, a0):",
+             "    ku = uint64(k0)", "    cu = uint64(col)", "    tb = uint64(row0 + T - 1 - k0)",
+             "    gb = tb * UDV + uint64(a0 + col)"]
+        weight, vr = "us[ku + U{r}] * ", ""
     else:
         L = ["def subst(S, ws, minv, k0, T, col, gam, isv, ish, v, X, h, row0, a0, last):",
              "    ku = uint64(k0)", "    cu = uint64(col)", "    hr = uint64(row0) + ku",
              "    vb = hr * UDV + uint64(a0 + col)", "    if isv:"]
         L += [f"        v{r} = v[min(vb + V{r}, uint64(last))]" for r in range(SB)]
         L += ["    else:"] + [f"        v{r} = ZERO" for r in range(SB)]
-        out, hout, row, weight, vr = "X", "h", "vb + V{r}", "", "v{r} + "
+        weight, vr = "", "v{r} + "
     for r in range(SB):
         terms = "".join(f" + S[ku + U{r}, ku + U{j}] * w{j}" for j in range(r))
         L += [f"    x{r} = (ws[ku + U{r}, cu]{terms}) * minv[ku + U{r}]", f"    w{r} = {vr.format(r=r)}gam * x{r}"]
@@ -298,9 +382,9 @@ def _panel_subst(SB, dtype, transposed=False, dv=0):
             return out_lines
 
         lines = rowwise(ind, lambda r: [f"ws[ku + U{r}, cu] = w{r}", f"cs += {weight.format(r=r)}x{r}"])
-        if transposed:
-            lines += [f"{ind}if isv:"] + rowwise(ind + "    ", lambda r: [f"{out}[pu, {row.format(r=r)}, c] = x{r}"])
-            lines += [f"{ind}elif ish:"] + rowwise(ind + "    ", lambda r: [f"{hout}[pu, {row.format(r=r)}] = x{r}"])
+        if transposed:  # flat G and hp, the rows reversed
+            lines += [f"{ind}if isv:"] + rowwise(ind + "    ", lambda r: [f"G[gb - V{r}] = x{r}"])
+            lines += [f"{ind}elif ish:"] + rowwise(ind + "    ", lambda r: [f"hp[tb - U{r}] = x{r}"])
         else:  # flat X and h
             lines += [f"{ind}if isv:"] + rowwise(ind + "    ", lambda r: [f"X[vb + V{r}] = x{r}"])
             lines += [f"{ind}elif ish:"] + rowwise(ind + "    ", lambda r: [f"h[hr + U{r}] = x{r}"])
@@ -358,6 +442,57 @@ def _rhs_load(BPS, DV1, dv, NT, dtype):
     L += ["    r = tid", "    while r < UBPS:", "        hv = ZERO", "        if r < Tu and a0 == 0:",
           "            hv = gam * us[r]", "        ws[r, UDV1] = hv", "        r += UNT"]
     return K.generated("rhs", L, env)
+
+
+@functools.cache
+def _dy_load(BPS, DV1, dv, NT, dtype):
+    """Device function: the backward solve's right-hand sides of a pass into shared ``ws``, in one
+    pass over ``dy`` (flat, ``row0`` the block's first row): ``ws[T - 1 - t, j] = om dy[t, a0 + j]``
+    (``dX``, rows reversed) for ``j < DV1``, the h column ``ws[t, DV1] = gamma`` in the first pass,
+    zeros past ``T`` rows and ``dv`` columns.  Returns whether this thread read a non-finite
+    entry.  (The old kernel loaded the tile, then scaled and checked it, then reversed it: three
+    passes.)"""
+    ZERO = np.dtype(dtype).type(0)
+    FMAX = np.dtype(dtype).type(np.finfo(dtype).max)
+    if NT % DV1:
+        @cuda.jit(device=True)
+        def dy_load_rolled(dy, row0, T, a0, ws, om, gam):
+            bad = False
+            for e in range(cuda.threadIdx.x, BPS * (DV1 + 1), NT):
+                t = e // (DV1 + 1)
+                j = e - t * (DV1 + 1)
+                if j < DV1:
+                    val = ZERO
+                    if t < T and a0 + j < dv:
+                        x = dy[(row0 + t) * dv + a0 + j]
+                        bad = bad or not abs(x) <= FMAX
+                        val = om * x
+                    if t < T:
+                        ws[T - 1 - t, j] = val
+                    else:
+                        ws[t, j] = ZERO
+                else:
+                    ws[t, j] = gam if (t < T and a0 == 0) else ZERO
+            return bad
+
+        return dy_load_rolled
+    RS = NT // DV1
+    IT = K._cdiv(BPS, RS)
+    env = {"ZERO": ZERO, "FMAX": FMAX, "UDV1": np.uint64(DV1), "UDV": np.uint64(dv), "UBPS": np.uint64(BPS),
+           "UNT": np.uint64(NT), "UONE": np.uint64(1)}
+    env.update({f"R{it}": np.uint64(it * RS) for it in range(IT)})
+    env.update({f"O{it}": np.uint64(it * RS * dv) for it in range(IT)})
+    L = ["def dy_load(dy, row0, T, a0, ws, om, gam):", "    tid = uint64(cuda.threadIdx.x)",
+         "    i = tid // UDV1", "    j = tid - i * UDV1", "    cj = uint64(a0) + j", "    Tu = uint64(T)",
+         "    Tm1 = Tu - UONE", "    ok = cj < UDV", "    off = (uint64(row0) + i) * UDV + cj", "    bad = False"]
+    for it in range(IT):
+        L += [f"    x{it} = ZERO", f"    if ok and i + R{it} < Tu:", f"        x{it} = dy[off + O{it}]"]
+    for it in range(IT):
+        L += [f"    r = i + R{it}", "    if r < Tu:", f"        bad = bad or not abs(x{it}) <= FMAX",
+              f"        ws[Tm1 - r, j] = om * x{it}", "    elif r < UBPS:", "        ws[r, j] = ZERO"]
+    L += ["    r = tid", "    while r < UBPS:", "        hv = ZERO", "        if r < Tu and a0 == 0:",
+          "            hv = gam", "        ws[r, UDV1] = hv", "        r += UNT", "    return bad"]
+    return K.generated("dy_load", L, env)
 
 
 @functools.cache
@@ -1104,26 +1239,27 @@ def _bsolve_kernel(b, d, dv, NT, PTl, dtype):
     nbt = K._numba_type(dtype)
     ZERO = np.dtype(dtype).type(0)
     ONE = np.dtype(dtype).type(1)
-    tri_prod = K._tri_prod(BP, d, NT, dtype, False, KCF)
+    tri_prod = K._tri_prod(BP, d, NT, dtype, False, KCF, flat=True)
     row_stats = K._row_stats(NT, dtype)
     DV1 = _widths(NT)[0]
     DV2 = DV1 + 2
     NCOL = DV1 + 1
-    UBP, UDV1, UNCOL = np.uint64(BP), np.uint64(DV1), np.uint64(NCOL)
-    UONE, UTWO = np.uint64(1), np.uint64(2)
-    step_b, step_d, step_n = _tile_step(NT, BP), _tile_step(NT, DV1), _tile_step(NT, NCOL)
+    UBP, UNCOL, UB = np.uint64(BP), np.uint64(NCOL), np.uint64(b)
+    UONE = np.uint64(1)
+    step_b, step_n = _tile_step(NT, BP), _tile_step(NT, NCOL)
     SB = PANEL
-    subst = _panel_subst(SB, dtype, True)
+    subst = _panel_subst(SB, dtype, True, dv=dv)
     update = _panel_update(SB, dtype, False)
-    load = _tile_load(BP, DV1, NT, dtype)
-    FMAX = np.dtype(dtype).type(np.finfo(dtype).max)
+    dy_load = _dy_load(BPS, DV1, dv, NT, dtype)
     stats = _pooled_stats(PTl, b, dtype)
     from numba import int32
 
     @cuda.jit
     def kernel(q, k, gamma, scale, c, psum, dy, Dst, u, G0, hp, rr, gd, flags):
-        n = q.shape[1]
-        m = Dst.shape[1]
+        # q, k, dy, Dst, G0, hp flat (C-contiguous): every global index a base plus a constant
+        B = u.shape[0]
+        n = u.shape[1]
+        m = rr.shape[1]
         blk = cuda.blockIdx.x
         p = blk // m
         I = blk - p * m
@@ -1133,8 +1269,6 @@ def _bsolve_kernel(b, d, dv, NT, PTl, dtype):
         ut = uint64(tid)
         rB0 = ut // UBP
         cB0 = ut - rB0 * UBP
-        rD0 = ut // UDV1
-        cD0 = ut - rD0 * UDV1
         rN0 = ut // UNCOL
         cN0 = ut - rN0 * UNCOL
         S = cuda.shared.array((BPS, BPS1), nbt)
@@ -1143,24 +1277,24 @@ def _bsolve_kernel(b, d, dv, NT, PTl, dtype):
         ws = cuda.shared.array((BPS, DV2), nbt)
         us = cuda.shared.array(BPS, nbt)
         minv = cuda.shared.array(BPS, nbt)
-        if p >= q.shape[0]:
+        if p >= B:
             return
         t0 = I * b
         T = min(n - t0, b)
         Tu = uint64(T)
         Tm1 = Tu - UONE
-        pu = uint64(p)
-        Iu = uint64(I)
+        row0 = p * n + t0  # the block's first row among the rows of the flat arrays
+        dbase = uint64((p * m + I) * b * b)  # Dst[p, I] among the flat (B, m, b, b)
         gam = gamma[p]
         om = ONE - gam
         cI, pooledI = stats(c, psum, p, I)
-        tri_prod(q, k, k, ZERO, p, t0, T, S, qs, ks, scale, us)
+        tri_prod(q, k, k, ZERO, row0, t0, T, S, qs, ks, scale, us)
         row_stats(S, T, I > 0, cI, pooledI, gam, us, minv)
         i = rB0
         j = cB0
         while i < Tu:
             if j < Tu:
-                Dst[pu, Iu, i, j] = S[i, j] if j <= i else ZERO
+                Dst[dbase + i * UB + j] = S[i, j] if j <= i else ZERO
             i, j = step_b(i, j)
         for e in range(tid, T, NT):
             u[p, t0 + e] = us[e]
@@ -1182,32 +1316,11 @@ def _bsolve_kernel(b, d, dv, NT, PTl, dtype):
             minv[i2] = minv[T - 1 - i2]
             minv[T - 1 - i2] = x
         cuda.syncthreads()
-        half = Tu // UTWO
         for a0 in range(0, dv, DV1):
             cw = min(DV1, dv - a0)
-            load(dy, p, t0, T, a0, dv, ws)
-            cuda.syncthreads()
-            bad = False
-            i = rD0  # dX = (1 - gamma) dy
-            cc = cD0
-            while i < Tu:
-                x = ws[i, cc]
-                bad = bad or not abs(x) <= FMAX
-                ws[i, cc] = om * x
-                i, cc = step_d(i, cc)
-            if bad:
+            # dX = (1 - gamma) dy with its rows reversed, the h column gamma, in one pass
+            if dy_load(dy, row0, T, a0, ws, om, gam):
                 cuda.atomic.max(flags, 3, int32(1))
-            cuda.syncthreads()
-            i = rN0  # rows reversed; the h column is gamma
-            cc = cN0
-            while i < half:
-                if cc < UDV1:
-                    x = ws[i, cc]
-                    ws[i, cc] = ws[Tm1 - i, cc]
-                    ws[Tm1 - i, cc] = x
-                i, cc = step_n(i, cc)
-            for i2 in range(tid, BPS, NT):
-                ws[i2, DV1] = gam if (i2 < T and a0 == 0) else ZERO
             cuda.syncthreads()
             col = tid
             isv = col < cw
@@ -1216,7 +1329,7 @@ def _bsolve_kernel(b, d, dv, NT, PTl, dtype):
             for k0 in range(0, T, SB):
                 k1 = min(k0 + SB, T)
                 if isv or ish:
-                    cs += subst(S, ws, minv, us, k0, T, col, gam, isv, ish, G0, hp, p, t0, a0)
+                    cs += subst(S, ws, minv, us, k0, T, col, gam, isv, ish, G0, hp, row0, a0)
                 cuda.syncthreads()
                 i = uint64(k1) + rN0
                 cc = cN0
@@ -1235,7 +1348,8 @@ def _bsolve_kernel(b, d, dv, NT, PTl, dtype):
 
 @functools.cache
 def _tile_apply(BP, BPR, CK, NT, dtype, transpose, with_dot):
-    """Device function: ``out[p, t0 + x, a0 + c] = sum_y S'[x, y] Ts[y, c]`` for ``x < T``,
+    """Device function: ``out[(row0 + x) C + a0 + c] = sum_y S'[x, y] Ts[y, c]`` (``out`` flat, rows
+    of ``C`` entries) for ``x < T``,
     ``a0 + c < C``, with ``S'`` = ``S`` or ``S^T`` (``S`` zero above its diagonal and past the
     block, ``Ts`` a shared ``(BP, CK)`` tile zero past the block).  A thread keeps columns
     ``cg, cg + CK / 2`` of every ``R``-th row, unrolled over ``y`` on unsigned indices: two tile
@@ -1248,8 +1362,8 @@ def _tile_apply(BP, BPR, CK, NT, dtype, transpose, with_dot):
     env = {"ZERO": np.dtype(dtype).type(0), "UNCG": np.uint64(NCG), "USLOTS": np.uint64(NCG * R),
            "UNT": np.uint64(NT)}
     I8 = " " * 8
-    L = ["def apply(S, Ts, out, p, t0, T, a0, C, Dw):", "    part = ZERO", "    Tu = uint64(T)",
-         "    pu = uint64(p)", "    tu = uint64(t0)", "    Cu = uint64(C)", "    slot = uint64(cuda.threadIdx.x)",
+    L = ["def apply(S, Ts, out, row0, T, a0, C, Dw):", "    part = ZERO", "    Tu = uint64(T)",
+         "    ru = uint64(row0)", "    Cu = uint64(C)", "    slot = uint64(cuda.threadIdx.x)",
          "    while slot < USLOTS:  # one pass unless NT < CK / 2", I8 + "cg = slot % UNCG",
          I8 + "r0 = slot // UNCG", I8 + "c1 = cg + UNCG", I8 + "slot += UNT"]
     L += [I8 + f"x{r} = r0 + U{R * r}" for r in range(RPT)]
@@ -1263,11 +1377,43 @@ def _tile_apply(BP, BPR, CK, NT, dtype, transpose, with_dot):
     for r in range(RPT):
         L += [I8 + f"if x{r} < Tu:"]
         for c, col, cl in ((0, "ca", "cg"), (1, "cb", "c1")):
-            L += [I8 + f"    if {col} < Cu:", I8 + f"        out[pu, tu + x{r}, {col}] = a{r}_{c}"]
+            L += [I8 + f"    if {col} < Cu:", I8 + f"        out[(ru + x{r}) * Cu + {col}] = a{r}_{c}"]
             if with_dot:
                 L += [I8 + f"        part += a{r}_{c} * Dw[x{r}, {cl}]"]
     L += ["    return part"]
     return K.generated("apply", L, env, nconst=max(BP, R * RPT))
+
+
+@functools.cache
+def _g_update(BP, CK, NT, dtype, dv):
+    """Device function: ``G_t <- G0_t + h'_t (W^T Z)_I`` on a column tile ``A`` of ``G0`` (shared, in
+    place) and into flat ``G``: ``A[i, c] += hs[i] w_c``, ``G[(row0 + i) dv + a0 + c] = A[i, c]``
+    for ``i < T``, ``a0 + c < dv``.  Where ``CK`` divides ``NT`` a thread keeps one column (one
+    read of ``W^T Z``) and its stores are a base plus constants."""
+    if NT % CK:
+        @cuda.jit(device=True)
+        def g_update_rolled(A, hs, WtZ, G, p, I, row0, T, a0):
+            for e in range(cuda.threadIdx.x, T * CK, NT):
+                i = e // CK
+                c = e - i * CK
+                if a0 + c < dv:
+                    val = A[i, c] + hs[i] * WtZ[p, I, a0 + c]
+                    A[i, c] = val
+                    G[(row0 + i) * dv + a0 + c] = val
+
+        return g_update_rolled
+    RS = NT // CK
+    IT = K._cdiv(BP, RS)
+    env = {"UCK": np.uint64(CK), "UDV": np.uint64(dv)}
+    env.update({f"R{it}": np.uint64(it * RS) for it in range(IT)})
+    env.update({f"O{it}": np.uint64(it * RS * dv) for it in range(IT)})
+    L = ["def g_update(A, hs, WtZ, G, p, I, row0, T, a0):", "    tid = uint64(cuda.threadIdx.x)",
+         "    i = tid // UCK", "    c = tid - i * UCK", "    ca = uint64(a0) + c", "    Tu = uint64(T)",
+         "    if ca < UDV:", "        w = WtZ[p, I, ca]", "        off = (uint64(row0) + i) * UDV + ca"]
+    for it in range(IT):
+        L += [f"        if i + R{it} < Tu:", f"            val = A[i + R{it}, c] + hs[i + R{it}] * w",
+              f"            A[i + R{it}, c] = val", f"            G[off + O{it}] = val"]
+    return K.generated("g_update", L, env)
 
 
 @functools.cache
@@ -1276,7 +1422,9 @@ def _grads_kernel(b, d, dv, NT, dtype):
     entry, block); as :func:`._kernels._backward_grads_kernel`, but on ``y`` (not ``X = y / (1 -
     gamma)``) and with one more output, the block sums ``Xsum`` of ``X``; with
     every product read from shared tiles loaded whole (all loads in flight), where the old kernel
-    read global memory inside rolled loops (a load's latency per step)."""
+    read global memory inside rolled loops (a load's latency per step).  ``q``, ``k``, ``v``, ``y``,
+    ``Dst``, ``G``, ``dq``, ``dk``, ``dvv`` are flat (C-contiguous): every global index a base plus
+    a constant, as in the forward's ``rows``."""
     BP = K._cdiv(b, 4) * 4
     # tile columns: a power of two (the tile loads unroll when it divides the threads) with two
     # (BP, CK) tiles and the score tile inside 48 KB; fewer for narrow q, k, v (even: two per thread)
@@ -1290,18 +1438,21 @@ def _grads_kernel(b, d, dv, NT, dtype):
     nbt = K._numba_type(dtype)
     ZERO = np.dtype(dtype).type(0)
     ONE = np.dtype(dtype).type(1)
-    prod_dS = K._tri_prod(BP, dv, NT, dtype, True, KCF)
+    prod_dS = K._tri_prod(BP, dv, NT, dtype, True, KCF, flat=True)
     apply_lo = _tile_apply(BP, BPR, CK, NT, dtype, False, False)
     apply_tr = _tile_apply(BP, BPR, CK, NT, dtype, True, False)
     apply_dot = _tile_apply(BP, BPR, CK, NT, dtype, True, True)
-    load = _tile_load(BP, CK, NT, dtype)
-    colsum = _colsum(dtype)
+    load_v = _tile_load_flat(BP, CK, NT, dtype, dv)
+    load_d = _tile_load_flat(BP, CK, NT, dtype, d)
+    g_update = _g_update(BP, CK, NT, dtype, dv)
+    colsum = _colsum_flat(dtype)
     rsum = _block_reduce(NT, dtype, False)
 
     @cuda.jit
     def kernel(q, k, v, y, gamma, scale, Dst, u, G, hp, WtZ, dq, dk, dvv, Gu, asum, Rsum, gdx, Xsum):
-        n = q.shape[1]
-        m = Dst.shape[1]
+        B = u.shape[0]
+        n = u.shape[1]
+        m = Gu.shape[1]
         blk = cuda.blockIdx.x
         p = blk // m
         I = blk - p * m
@@ -1315,10 +1466,12 @@ def _grads_kernel(b, d, dv, NT, dtype):
         hs = cuda.shared.array(BP, nbt)
         delta = cuda.shared.array(BP, nbt)
         red = cuda.shared.array(NT, nbt)
-        if p >= q.shape[0]:
+        if p >= B:
             return
         t0 = I * b
         T = min(n - t0, b)
+        row0 = p * n + t0  # the block's first row among the rows of the flat arrays
+        dbase = (p * m + I) * b * b  # Dst[p, I] among the flat (B, m, b, b)
         gam = gamma[p]
         xinv = ONE / (ONE - gam)  # X = y / (1 - gamma): the tiles hold y, the products are scaled
         for e in range(tid, BPR * BPR, NT):
@@ -1326,7 +1479,7 @@ def _grads_kernel(b, d, dv, NT, dtype):
             j = e - i * BPR
             val = ZERO
             if j <= i and i < T:
-                val = Dst[p, I, i, j]
+                val = Dst[dbase + i * b + j]
             S[i, j] = val
         for i in range(tid, BP, NT):
             uu = ZERO
@@ -1340,17 +1493,11 @@ def _grads_kernel(b, d, dv, NT, dtype):
         cuda.syncthreads()
         part = ZERO
         for a0 in range(0, dv, CK):
-            load(G, p, t0, T, a0, dv, A)
-            load(y, p, t0, T, a0, dv, Bt)
+            load_v(G, row0, T, a0, A)
+            load_v(y, row0, T, a0, Bt)
             cuda.syncthreads()
             # G = G0 + h' (W^T Z)_I, written back: the dS product reads G from global memory
-            for e in range(tid, T * CK, NT):
-                i = e // CK
-                c = e - i * CK
-                if a0 + c < dv:
-                    val = A[i, c] + hs[i] * WtZ[p, I, a0 + c]
-                    A[i, c] = val
-                    G[p, t0 + i, a0 + c] = val
+            g_update(A, hs, WtZ, G, p, I, row0, T, a0)
             cuda.syncthreads()
             for i in range(tid, T, NT):  # delta_t = G_t . X_t
                 s = ZERO
@@ -1366,9 +1513,9 @@ def _grads_kernel(b, d, dv, NT, dtype):
                         xs += Bt[i, c]
                     Gu[p, I, a0 + c] = gu
                     Xsum[p, I, a0 + c] = xinv * xs
-                    Rsum[p, I, a0 + c] = colsum(v, p, t0, T, a0 + c) + gam * xinv * xs
+                    Rsum[p, I, a0 + c] = colsum(v, row0 * dv + a0 + c, T, dv) + gam * xinv * xs
             # dV = D^T G within the block; gdx_I = <D^T G, X>
-            part += apply_dot(S, A, dvv, p, t0, T, a0, dv, Bt)
+            part += apply_dot(S, A, dvv, row0, T, a0, dv, Bt)
             cuda.syncthreads()
         tot = rsum(red, part)
         if tid == 0:
@@ -1378,13 +1525,13 @@ def _grads_kernel(b, d, dv, NT, dtype):
                 s += us[i] * delta[i]
             asum[p, I] = s
         # dS = scale D * (G R^T - delta), R = V + gamma X, in place of D (zero stays zero)
-        prod_dS(G, v, y, gam * xinv, p, t0, T, S, qs, ks, scale, delta)
+        prod_dS(G, v, y, gam * xinv, row0, t0, T, S, qs, ks, scale, delta)
         for a0 in range(0, d, CK):
-            load(k, p, t0, T, a0, d, A)
-            load(q, p, t0, T, a0, d, Bt)
+            load_d(k, row0, T, a0, A)
+            load_d(q, row0, T, a0, Bt)
             cuda.syncthreads()
-            apply_lo(S, A, dq, p, t0, T, a0, d, A)  # dq = dS k
-            apply_tr(S, Bt, dk, p, t0, T, a0, d, Bt)  # dk = dS^T q
+            apply_lo(S, A, dq, row0, T, a0, d, A)  # dq = dS k
+            apply_tr(S, Bt, dk, row0, T, a0, d, Bt)  # dk = dS^T q
             cuda.syncthreads()
 
     K.LAUNCH_BOUNDS[id(kernel)] = (NT, max(1, 1024 // NT))
@@ -1896,6 +2043,13 @@ def pooled(xp, q, k, v, b, scale, flags, *, nt=None):
     return c, W, psum, qbar, kbarT
 
 
+def _flat(x):
+    """The flat view of a C-contiguous array (kernels that take flat arrays write through it)."""
+    if not x.flags.c_contiguous:
+        raise ValueError("internal: a flat kernel argument must be C-contiguous")
+    return x.reshape(-1)
+
+
 def backward_solve(q, k, gamma, b, scale, c, psum, dy, Dst, u, G0, hp, rr, gd, flags, *, nt=None):
     """:func:`._kernels.backward_solve` by :func:`_bsolve_kernel`, on ``dy`` (it forms ``dX = (1 -
     gamma) dy`` itself; ``flags[3]`` set where ``dy`` is not finite), with the pooled mass from
@@ -1903,8 +2057,9 @@ def backward_solve(q, k, gamma, b, scale, c, psum, dy, Dst, u, G0, hp, rr, gd, f
     B, n, d = q.shape
     nthr = _block_threads(b, nt)
     kern = _bsolve_kernel(b, d, dy.shape[2], nthr, _pooled_tile(), np.dtype(q.dtype))
+    f = _flat
     K._launch(kern, B * K._cdiv(n, b), nthr, None,
-              (q, k, gamma, q.dtype.type(scale), c, psum, dy, Dst, u, G0, hp, rr, gd, flags))
+              (f(q), f(k), gamma, q.dtype.type(scale), c, psum, f(dy), f(Dst), u, f(G0), f(hp), rr, gd, flags))
 
 
 def backward_grads(q, k, v, y, gamma, b, scale, Dst, u, G, hp, WtZ, dq, dk, dvv, Gu, asum, Rsum, gdx, Xsum, *,
@@ -1914,8 +2069,10 @@ def backward_grads(q, k, v, y, gamma, b, scale, Dst, u, G, hp, WtZ, dq, dk, dvv,
     B, n, d = q.shape
     nthr = _threads(nt)
     kern = _grads_kernel(b, d, v.shape[2], nthr, np.dtype(q.dtype))
+    f = _flat
     K._launch(kern, B * K._cdiv(n, b), nthr, None,
-              (q, k, v, y, gamma, q.dtype.type(scale), Dst, u, G, hp, WtZ, dq, dk, dvv, Gu, asum, Rsum, gdx, Xsum))
+              (f(q), f(k), f(v), f(y), gamma, q.dtype.type(scale), f(Dst), u, f(G), hp, WtZ, f(dq), f(dk), f(dvv),
+               Gu, asum, Rsum, gdx, Xsum))
 
 
 def reduced_solve(xp, L, g, R, *, with_product=False, nt=None):

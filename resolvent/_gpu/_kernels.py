@@ -147,12 +147,13 @@ def _chunk_load(BP, KC, K, NT, dtype, with_c2):
 
 
 @functools.cache
-def _chunk_load_flat(BP, KC, K, NT, dtype):
+def _chunk_load_flat(BP, KC, K, NT, dtype, with_c2=False):
     """:func:`_chunk_load` (``B`` alone) on flat C-contiguous arrays: ``A``, ``B`` hold rows of ``K``
     entries one after another, and the ``p`` argument is the first row's index among them (``p n +
     t0``; ``t0`` is unread).  An element's index is then a base plus a constant: one add and one
     shift a load, where a three-dimensional index with the array's strides spent some thirty
-    integer instructions (Nsight Compute: 12% of the rows kernel's instructions)."""
+    integer instructions (Nsight Compute: 12% of the rows kernel's instructions).  ``with_c2``:
+    ``B + c2 Bc`` into ``ks``, ``Bc`` flat as ``B``."""
     ZERO = np.dtype(dtype).type(0)
     if NT % KC:
         LIT = _cdiv(BP * KC, NT)
@@ -172,6 +173,8 @@ def _chunk_load_flat(BP, KC, K, NT, dtype):
                 if r < T and col < K:
                     bq[li] = A[(p + r) * K + col]
                     bk[li] = B[(p + r) * K + col]
+                    if with_c2:
+                        bk[li] += c2 * Bc[(p + r) * K + col]
             cuda.syncthreads()
             for li in range(LIT):
                 e = tid + li * NT
@@ -191,7 +194,8 @@ def _chunk_load_flat(BP, KC, K, NT, dtype):
          "    ok = cj < UK", "    off = (uint64(p) + i) * UK + cj"]
     for it in range(IT):
         L += [f"    x{it} = ZERO", f"    y{it} = ZERO", f"    if ok and i + R{it} < Tu:",
-              f"        x{it} = A[off + O{it}]", f"        y{it} = B[off + O{it}]"]
+              f"        x{it} = A[off + O{it}]"]
+        L += [f"        y{it} = B[off + O{it}] + c2 * Bc[off + O{it}]" if with_c2 else f"        y{it} = B[off + O{it}]"]
     L += ["    cuda.syncthreads()"]
     for it in range(IT):
         L += [f"    if i + R{it} < UBP:", f"        qs[i + R{it}, j] = x{it}", f"        ks[i + R{it}, j] = y{it}"]
@@ -250,7 +254,8 @@ def _tri_prod(BP, K, NT, dtype, combine_mode, kc=KC, flat=False):
     NCH = _cdiv(K, KCc)
     ZERO = np.dtype(dtype).type(0)
     inner = _tri_inner(NTR, KCc, dtype)
-    load = _chunk_load_flat(BP, KCc, K, NT, dtype) if flat else _chunk_load(BP, KCc, K, NT, dtype, combine_mode)
+    load = (_chunk_load_flat(BP, KCc, K, NT, dtype, combine_mode) if flat
+            else _chunk_load(BP, KCc, K, NT, dtype, combine_mode))
 
     @cuda.jit(device=True)
     def tri_prod(A, B, Bc, c2, p, t0, T, S, qs, ks, scale, delta):
