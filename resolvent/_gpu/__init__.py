@@ -8,7 +8,7 @@ GPU arrays come in through DLPack (``cupy.from_dlpack``: no copy, no host round 
 float16 are converted to float32 in their own framework first, since CuPy has no bfloat16) and the
 results go back the same way (``torch.from_dlpack`` / ``jax.dlpack.from_dlpack``), cast back to the
 input's half precision.  The work runs on CuPy's current stream, or, for PyTorch tensors, on
-PyTorch's current stream (wrapped as a CuPy ``ExternalStream``).
+PyTorch's current stream (wrapped as a CuPy stream through the CUDA stream protocol).
 """
 
 from __future__ import annotations
@@ -84,13 +84,33 @@ def _convert_outputs(result, like, fw, half):
     return _from_cupy(result, like, fw, half)
 
 
+class _TorchStreamRef:
+    """A PyTorch stream seen through the CUDA stream protocol (for PyTorch versions without it)."""
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __cuda_stream__(self):
+        return (0, int(self.stream.cuda_stream))
+
+
 def _stream_context(fw, like):
     if fw == "torch":
         import cupy
 
         torch = sys.modules["torch"]
+        dev = like.device.index or 0
         ts = torch.cuda.current_stream(like.device)
-        return cupy.cuda.ExternalStream(ts.cuda_stream, like.device.index or 0)
+        ctx = contextlib.ExitStack()
+        ctx.enter_context(cupy.cuda.Device(dev))  # CuPy allocates on the tensor's device
+        from_external = getattr(cupy.cuda.Stream, "from_external", None)
+        if from_external is None:  # CuPy < 14
+            ctx.enter_context(cupy.cuda.ExternalStream(ts.cuda_stream, dev))
+        else:  # the CUDA stream protocol; CuPy 14 deprecates ExternalStream
+            ctx.enter_context(from_external(ts if hasattr(ts, "__cuda_stream__") else _TorchStreamRef(ts)))
+        return ctx
     if fw == "cupy":
         return like.device
     return contextlib.nullcontext()
