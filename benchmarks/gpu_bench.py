@@ -250,29 +250,34 @@ def time_graph(fn, **kw):
         return float("nan")
 
 
-def breakdown(B, n):
-    """Device time of each launch of the float32 blockwise forward (CUDA-graph replay of each alone),
-    on the buffers and launches of ``_fused._layout``: what ``chain_attention`` runs."""
+def breakdown(B, n, backward=False):
+    """Device time of each launch of the float32 blockwise forward (or backward), CUDA-graph replay
+    of each alone, on the buffers and launches of ``_fused._layout`` (``_backward_layout``): what
+    ``chain_attention`` (``chain_attention_vjp``) runs."""
     import cupy
 
+    import resolvent
     from resolvent._gpu import _api as gapi
     from resolvent._gpu import _fused as F
     from resolvent._gpu import _kernels as K
 
     rng = np.random.default_rng(3)
-    q, k, v = (cupy.asarray(rng.standard_normal((B, n, D), dtype=np.float32)) for _ in range(3))
+    q, k, v, dy = (cupy.asarray(rng.standard_normal((B, n, D), dtype=np.float32)) for _ in range(4))
     b = gapi.gpu_block_size(n)
     dt = q.dtype
-    bufs, launches = F._layout(B, n, D, D, b, None, dt)
-    env = {name: cupy.empty(shape, dtype=np.int32 if name == "sync" else dt) for name, shape in bufs.items()}
-    env.update(q=q, k=k, v=v, gamma=cupy.full(B, 0.9, dtype=dt), scale=np.float32(0.125))
-    env.update({nm: env[nm[:-1]].reshape(-1) for nm in F._FLAT})
-    env["sync"][...] = 0
+    bufs, outputs, launches = (F._backward_layout if backward else F._layout)(B, n, D, D, b, None, dt)
+    env = {name: cupy.zeros(shape, dtype=np.int32) if name in F.INT32 else cupy.empty(shape, dtype=dt)
+           for name, shape in {**bufs, **outputs}.items()}
+    env.update(q=q, k=k, v=v, gamma=cupy.full(B, 0.9, dtype=dt), scale=np.float32(0.125), n=n, dy=dy,
+               y=resolvent.chain_attention(q, k, v, 0.9))
+    env.update({nm: env[F._source(nm)].reshape(-1) for *_, names in launches for nm in names if nm not in env})
 
     def stage(kern, grid, nthr, names):
+        reduced = "reduced" in kern.py_func.__qualname__
+
         def run():
-            if "sync" in names:
-                env["sync"][3:] = 0  # the reduced system's ticket counter and flags
+            if reduced:  # the reduced system's ticket counter and flags
+                env[names[-1]][3:] = 0
             K._launch(kern, grid, nthr, None, tuple(env[nm] for nm in names))
         return run
 
@@ -281,8 +286,8 @@ def breakdown(B, n):
     for fn in stages.values():  # in order: every stage's inputs are written once
         fn()
     m = -(-n // b)
-    say(f"Stage breakdown of the blockwise forward at {(B, n)}, b = {b}, m = {m} (graph replay, ms; "
-        "the reduced system's includes a memset):")
+    say(f"Stage breakdown of the blockwise {'backward' if backward else 'forward'} at {(B, n)}, b = {b}, m = {m} "
+        "(graph replay, ms; the reduced system's includes a memset):")
     for name, fn in stages.items():
         say(f"- {name}: {time_graph(fn):.3f}")
     say("")
@@ -342,6 +347,10 @@ def timings(quick=False, shapes=None, f32_blockwise=False):
         diff = float(cupy.abs(direct - resolvent.chain_attention(q, k, v, gam, check_finite=False)).max())
         say(f"{(B, n)}: public call (launch plan) against the kernels launched one by one: max |diff| {diff:.1e}")
         r["bwd_graph"] = time_graph(lambda: GB.backward(cupy, q, k, v, gvec, b, 1 / 8, dy, y=y))
+        direct = GB.backward(cupy, q, k, v, gvec, b, 1 / 8, dy, y=y)[:3]  # one by one, not by the plan
+        public = resolvent.chain_attention_vjp(q, k, v, gam, dy, y=y, check_finite=False)
+        diff = max(float(cupy.abs(a - p).max()) for a, p in zip(direct, public))
+        say(f"{(B, n)}: public backward (launch plan) against its kernels launched one by one: max |diff| {diff:.1e}")
         try:
             r["exact_fwd"] = float("nan") if f32_blockwise else time_events(
                 lambda: resolvent.chain_attention(q, k, v, gam, method="exact"), warmup=1, reps=5, budget_s=4.0)
@@ -387,6 +396,7 @@ def timings(quick=False, shapes=None, f32_blockwise=False):
     for B, n in ((64, 4096), (1, 65536)):
         if (B, n) in shapes:
             breakdown(B, n)
+            breakdown(B, n, backward=True)
     say("Device time of the blockwise core (CUDA-graph replay, no Python launch overhead), ms:")
     say("")
     say("| (B·H, n) | fwd (graph) | bwd (graph) | bwd/fwd | fwd vs SDPA f32 | fwd vs SDPA bf16 | fwd gap to floor |")

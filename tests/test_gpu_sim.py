@@ -176,6 +176,19 @@ CHILD = textwrap.dedent(
             Z, MZ = solver(np, *args, with_product=True, nt=8)
             out[f"fused32_reduced_small_{name}_product_m{m}_k{kcols}"] = max(rel(Z, ref), rel(MZ, M @ ref))
             GF.SMALL_M = 0
+        # the backward's transposed system, (I - diag(g) W^T) Z = R from W itself: flipped into the
+        # lower solver's order in tiles of GF.FLIP_TS_SIM = 4 (m = 13: four tile rows, the last partial)
+        Tt = np.eye(m) - g[..., None] * np.swapaxes(L, -1, -2)
+        ref = np.stack([solve_triangular(Tt[i], R[i], lower=False) for i in range(2)])
+        args = [x.astype(np.float32) for x in (L + np.triu(rng.uniform(0, 1, (m, m))), g, R)]  # upper part not read
+        for small in (0, 16):
+            GF.SMALL_M = small
+            Z, WtZ = GF.reduced_solve_transposed(np, *args, with_product=True, nt=8)
+            out[f"fused32_reduced_transposed_small{small}_m{m}_k{kcols}"] = max(
+                rel(Z, ref), rel(WtZ, np.swapaxes(L, -1, -2) @ ref))
+            out[f"fused32_reduced_transposed_z_small{small}_m{m}_k{kcols}"] = rel(
+                GF.reduced_solve_transposed(np, *args, nt=16), ref)
+        GF.SMALL_M = 0
     GF.NB, GF.CW, GF.SMALL_M = 64, cw_saved, small_saved
 
     # the blocked reduced solver across several diagonal blocks (block 4 instead of 64)

@@ -227,15 +227,14 @@ def chain_attention_vjp_fast(q, k, v, gamma, dy, *rest, method="blockwise", bloc
     case = _fast_case(q, k, v, gamma, method, block_size, topk, scale, check_finite)
     if case is None or not _like_v(dy, v) or not (y is None or _like_v(y, v)):
         return NotImplemented
-    from ._fused import SYNC_HEAD, raise_nonfinite
+    from ._fused import raise_nonfinite
 
     B, n, d, dv, b, dev, g = case
     shapes = (q.shape, k.shape, v.shape)
     if q.ndim != 3:
         q, k, v, dy = q.reshape(B, n, d), k.reshape(B, n, d), v.reshape(B, n, dv), dy.reshape(B, n, dv)
         y = None if y is None else y.reshape(B, n, dv)
-    flags = _cp().zeros(SYNC_HEAD, dtype=np.int32)
-    dq, dk, dvv, dg, bad = _checked_backward(q, k, v, g, b, 1.0 / math.sqrt(d), dy, y, flags, check_finite)
+    dq, dk, dvv, dg, bad = _checked_backward(q, k, v, g, b, 1.0 / math.sqrt(d), dy, y, check_finite)
     if check_finite:
         raise_nonfinite(bad, ("q", "k", "v", "dy"))
     out = [x.reshape(shp) for x, shp in zip((dq, dk, dvv), shapes)]
@@ -244,18 +243,26 @@ def chain_attention_vjp_fast(q, k, v, gamma, dy, *rest, method="blockwise", bloc
     return tuple(out)
 
 
-def _checked_backward(q, k, v, g, b, scale, dy, y, flags, check):
+def _checked_backward(q, k, v, g, b, scale, dy, y, check):
     """The fused backward with its non-finite flags: ``(dq, dk, dv, dgamma, flags on the host)``
-    (``None`` for the flags when not ``check``).  The flags are copied back on a side stream as soon
-    as the kernel that sets the last of them has run, so the call waits for that kernel, not for
-    the whole backward (``_fused.copy_flags_after``)."""
+    (``None`` for the flags when not ``check``).  C-contiguous CuPy arrays on a device run the
+    backward's launch plan (``_fused.run_backward_plan``); the flags are copied back on a side
+    stream as soon as the kernel that sets the last of them has run, so the call waits for that
+    kernel, not for the whole backward (``_fused.copy_flags_after``)."""
+    from . import _fused
     from ._blockwise import backward
-    from ._fused import copy_flags_after
 
+    cp = _cp()
+    if _fused._planned(q, k, v, g, dy) and (y is None or _fused._planned(y)):
+        dev = cp.cuda.runtime.getDevice()
+        if y is None:
+            y = _fused.run_plan(q, k, v, g, b, scale, dev, check=False)
+        return _fused.run_backward_plan(q, k, v, y, dy, g, b, scale, dev, check)
+    flags = cp.zeros(_fused.SYNC_HEAD, dtype=np.int32)
     got = []
-    hook = (lambda: got.append(copy_flags_after(_cp().cuda.get_current_stream(), flags.data.ptr, 4))) if check \
-        else None
-    dq, dk, dvv, dg = backward(_cp(), q, k, v, g, b, scale, dy, y=y, flags=flags, flags_set=hook)
+    hook = (lambda: got.append(_fused.copy_flags_after(cp.cuda.get_current_stream(), flags.data.ptr, 4))) \
+        if check else None
+    dq, dk, dvv, dg = backward(cp, q, k, v, g, b, scale, dy, y=y, flags=flags, flags_set=hook)
     if not check:
         return dq, dk, dvv, dg, None
     if not got:  # no kernel set the flags early (not expected on this path): read them at the end
@@ -300,10 +307,9 @@ def chain_attention_vjp(q, k, v, gamma, dy, *, method="blockwise", block_size=No
         grads = _attention.exact_backward(cp, qf, kf, vf, g, scale, dyf)
     elif in_kernels:
         # the kernels flag non-finite input; one synchronisation once everything is queued
-        from ._fused import SYNC_HEAD, raise_nonfinite
+        from ._fused import raise_nonfinite
 
-        flags = cp.zeros(SYNC_HEAD, dtype=np.int32)
-        *grads, bad = _checked_backward(qf, kf, vf, g, b, scale, dyf, yf, flags, check_finite)
+        *grads, bad = _checked_backward(qf, kf, vf, g, b, scale, dyf, yf, check_finite)
         if check_finite:
             raise_nonfinite(bad, ("q", "k", "v", "dy"))
     else:

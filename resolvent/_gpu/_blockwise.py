@@ -223,29 +223,23 @@ def backward(xp, q, k, v, gamma, b, scale, dy, y=None, *, stream=None, nt=None, 
     fused = _fused.supported(dt, b)
     if b > K.MAX_BLOCK:
         return _backward_batched(xp, q, k, v, gamma, b, scale, dy, y / (1 - g1), stream=stream, nt=nt)
-    m = _cdiv(n, b)
-    s = dt.type(scale)
-    if fused:
+    if fused:  # ten launches (_fused._backward_layout)
         if flags is None:
             flags = xp.zeros(_fused.SYNC_HEAD, dtype=np.int32)
-        c, W, psum, sqbar, kbarT = _fused.pooled(xp, q, k, v, b, scale, flags, nt=nt)
-    else:
-        c, W, sizes, qbar, kbar = pooled_scores(xp, q, k, b, scale)
-        pooled = W @ sizes
-        sqbar, skbar = s * qbar, s * kbar
+        return _fused.backward(xp, q, k, v, y, dy, gamma, b, scale, flags, nt=nt, flags_set=flags_set)
+    m = _cdiv(n, b)
+    s = dt.type(scale)
+    c, W, sizes, qbar, kbar = pooled_scores(xp, q, k, b, scale)
+    pooled = W @ sizes
+    sqbar, skbar = s * qbar, s * kbar
     Dst = xp.empty((B, m, b, b), dtype=dt)
     u = xp.empty((B, n), dtype=dt)
     G = xp.empty((B, n, dvdim), dtype=dt)
     hp = xp.empty((B, n), dtype=dt)
     rr = xp.empty((B, m, dvdim), dtype=dt)
     gd = xp.empty((B, m), dtype=dt)
-    if fused:
-        _fused.backward_solve(q, k, gamma, b, scale, c, psum, dy, Dst, u, G, hp, rr, gd, flags, nt=nt)
-        if flags_set is not None:
-            flags_set()
-    else:
-        X = y / (1 - g1)
-        K.backward_solve(q, k, gamma, b, scale, c, pooled, (1 - g1) * dy, Dst, u, G, hp, rr, gd, nt=nt)
+    X = y / (1 - g1)
+    K.backward_solve(q, k, gamma, b, scale, c, pooled, (1 - g1) * dy, Dst, u, G, hp, rr, gd, nt=nt)
     Wt = xp.swapaxes(W, -1, -2)
     _, WtZ = solve_unit_upper(xp, Wt, gd, rr, with_product=True, stream=stream, nt=nt)
     dq = xp.empty_like(q)
@@ -255,14 +249,6 @@ def backward(xp, q, k, v, gamma, b, scale, dy, y=None, *, stream=None, nt=None, 
     asum = xp.empty((B, m), dtype=dt)
     Rsum = xp.empty((B, m, dvdim), dtype=dt)
     gdx = xp.empty((B, m), dtype=dt)
-    if fused:
-        Xsum = xp.empty((B, m, dvdim), dtype=dt)
-        _fused.backward_grads(q, k, v, y, gamma, b, scale, Dst, u, G, hp, WtZ, dq, dk, dvv, Gu, asum,
-                              Rsum, gdx, Xsum, nt=nt)
-        # the pooled corrections and dgamma: two launches (about 25 CuPy calls below)
-        dgamma = _fused.pooled_grads(xp, W, Gu, Rsum, asum, sqbar, kbarT, gdx, Xsum, dy, y, gamma, b, scale,
-                                     dq, dk, dvv, nt=nt)
-        return dq, dk, dvv, dgamma
     K.backward_grads(q, k, v, X, gamma, b, scale, Dst, u, G, hp, WtZ, dq, dk, dvv, Gu, asum, Rsum, gdx, nt=nt)
     Xsum = block_sums(xp, X, b)
     ydy = batch_dot(xp, dy, X)

@@ -1,4 +1,4 @@
-"""The float32 blockwise chain attention in six kernel launches forward, eight backward (``docs/gpu.md``).
+"""The float32 blockwise chain attention in six kernel launches forward, ten backward (``docs/gpu.md``).
 
 The maths is that of :mod:`resolvent._gpu._blockwise` (SPEC 2.2, the Woodbury form); this module
 only reorganises where it runs, so that a forward pass is six launches and no library calls:
@@ -29,10 +29,14 @@ only reorganises where it runs, so that a forward pass is six launches and no li
    per column chunk substitutes the whole system by panels (no inverse, no waiting).
 6. :func:`_combine_kernel`: ``X <- (1 - gamma) (X + h (W Z)_I)`` in place.
 
-The backward (:func:`._blockwise.backward`) runs steps 1-3 (:func:`pooled`), the within-block
-solve :func:`_bsolve_kernel`, step 5 on the transposed system, :func:`_grads_kernel`, and the
-pooled part's gradients in two launches (:func:`pooled_grads`).  Shared memory is sized for float32;
-float64 stays on the kernels of :mod:`resolvent._gpu._kernels`.
+The backward (:func:`backward`, :func:`_backward_layout`) runs steps 1-3, the within-block solve
+:func:`_bsolve_kernel`, step 5 on the transposed system (flipped into the lower solver's order by
+:func:`_flip_kernel` and back by :func:`_unflip_kernel`), :func:`_grads_kernel`, and the pooled
+part's gradients in two launches (:func:`_pgrad_kernel`, :func:`_pgrad_apply_kernel`).  Shared
+memory is sized for float32; float64 stays on the kernels of :mod:`resolvent._gpu._kernels`.
+
+Both directions have a launch plan (:class:`_Plan`): on a device, a call patches the pointers into
+parameter words built once per shape and launches, with one workspace for every buffer.
 """
 
 from __future__ import annotations
@@ -1161,6 +1165,97 @@ def _reduced_small_kernel(NT, dtype, MM, CW1, with_lz):
     return kernel
 
 
+FLIP_TS = 32  #: square tile of :func:`_flip_kernel`
+FLIP_TS_SIM = 4  #: the same under the simulator (small systems still span several tiles)
+
+
+def _flip_tile(nt):
+    """``(TS, threads)`` of :func:`_flip_kernel`: ``FLIP_TS`` and 256 threads on a GPU; under the
+    simulator (or with ``nt`` given) ``FLIP_TS_SIM`` and a multiple of it."""
+    if nt is None and not K._simulated():
+        return FLIP_TS, NT
+    ts = FLIP_TS_SIM
+    return ts, ts * max(1, _threads(nt) // ts)
+
+
+@functools.cache
+def _flip_kernel(TS, NT, dtype):
+    """The transposed reduced system in the lower solver's order: ``Lr[p, i, j] = W[p, m-1-j, m-1-i]``
+    (the strict lower part of ``Lr``, from ``W``'s; ``(I - diag(g) W^T) Z = R`` is upper triangular,
+    and reversing its rows and columns makes it lower), ``gr[p, i] = g[p, m-1-i]`` and ``Rr[p, i, :] =
+    R[p, m-1-i, :]``.  One thread block per (batch entry, ``TS x TS`` tile on or below the diagonal
+    of ``Lr``), through a shared tile so that reads and writes are both along rows; the tiles of
+    the first tile column also reverse ``g`` and ``R``'s rows.  (Three CuPy copies did this, with
+    their allocations: ~0.05 ms of host time a backward.)"""
+    TS1 = TS + 1
+    NTY = NT // TS
+    nbt = K._numba_type(dtype)
+
+    @cuda.jit
+    def kernel(W, g, R, Lr, gr, Rr):
+        m = W.shape[1]
+        kc = R.shape[2]
+        nt = (m + TS - 1) // TS
+        blk = cuda.blockIdx.x
+        p = blk // (nt * nt)
+        r = blk - p * (nt * nt)
+        ti = r // nt
+        tj = r - ti * nt
+        if p >= W.shape[0] or tj > ti:
+            return
+        tid = cuda.threadIdx.x
+        tx = tid % TS
+        ty = tid // TS
+        tile = cuda.shared.array((TS, TS1), nbt)
+        i0 = ti * TS
+        j0 = tj * TS
+        for yy in range(ty, TS, NTY):  # tile[jj, ii] = W[m-1-(j0+jj), m-1-(i0+ii)]: along W's rows
+            j = j0 + yy
+            i = i0 + tx
+            if i < m and j < m:
+                tile[yy, tx] = W[p, m - 1 - j, m - 1 - i]
+        cuda.syncthreads()
+        for yy in range(ty, TS, NTY):  # Lr[i0+ii, j0+jj] = tile[jj, ii]: along Lr's rows
+            i = i0 + yy
+            j = j0 + tx
+            if i < m and j < m:
+                Lr[p, i, j] = tile[tx, yy]
+        if tj == 0:
+            for i in range(i0 + ty, min(i0 + TS, m), NTY):
+                if tx == 0:
+                    gr[p, i] = g[p, m - 1 - i]
+                for a in range(tx, kc, TS):
+                    Rr[p, i, a] = R[p, m - 1 - i, a]
+
+    return kernel
+
+
+@functools.cache
+def _unflip_kernel(NT):
+    """``dst[p, i, :] = src[p, m-1-i, :]`` for (B, m, k) arrays: the reduced solution back in the
+    transposed system's order.  One thread block per (batch entry, ``NT`` consecutive entries)."""
+
+    @cuda.jit
+    def kernel(src, dst):
+        m = src.shape[1]
+        kc = src.shape[2]
+        per = m * kc
+        nb = (per + NT - 1) // NT
+        blk = cuda.blockIdx.x
+        p = blk // nb
+        e = (blk - p * nb) * NT + cuda.threadIdx.x
+        if p < src.shape[0] and e < per:
+            i = e // kc
+            a = e - i * kc
+            dst[p, i, a] = src[p, m - 1 - i, a]
+
+    return kernel
+
+
+def _unflip_grid(B, m, kc, nthr):
+    return B * K._cdiv(m * kc, nthr)
+
+
 @functools.cache
 def _combine_apply(b, dv, NT, dtype):
     """Device function: ``X[p, t0 + i, a] = om (X + h[p, t0 + i] WZ[p, I, a])`` over block ``I``'s
@@ -1753,28 +1848,6 @@ def _pgrad_apply_kernel(b, d, dv, NT, PTl, dtype):
     return kernel
 
 
-def pooled_grads(xp, W, Gu, Rsum, asum, sqbar, kbarT, gdx, Xsum, dy, y, gamma, b, scale, dq, dk, dvv, *, nt=None):
-    """The backward's pooled part in two launches (:func:`_pgrad_kernel`, :func:`_pgrad_apply_kernel`):
-    adds the pooled corrections to ``dq``, ``dk``, ``dvv`` in place and returns ``dgamma`` (B,)."""
-    B, n, d = dq.shape
-    dv = dvv.shape[2]
-    m = W.shape[1]
-    dt = dq.dtype
-    PTl = _pooled_tile()
-    npt = K._cdiv(m, PTl)
-    nthr = _threads(nt)
-    dqp = xp.empty((B, npt, m, d), dtype=dt)
-    dkp = xp.empty((B, npt, m, d), dtype=dt)
-    dvp = xp.empty((B, npt, m, dv), dtype=dt)
-    gsum = xp.empty((B, m), dtype=dt)
-    K._launch(_pgrad_kernel(d, dv, PTl, b, dt), B * npt * npt, (PTl // 4) ** 2, None,
-              (W, Gu, Rsum, asum, sqbar, kbarT, n, dqp, dkp, dvp))
-    K._launch(_pgrad_apply_kernel(b, d, dv, nthr, PTl, dt), B * m, nthr, None,
-              (dq.reshape(-1), dk.reshape(-1), dvv.reshape(-1), dqp, dkp, dvp, Xsum, gdx, dy.reshape(-1),
-               y.reshape(-1), gamma, dt.type(scale), gsum))
-    return gsum.sum(axis=-1)
-
-
 # --------------------------------------------------------------------------------------------------
 # host
 
@@ -1793,13 +1866,20 @@ def _reduced_launch(m, kc, nthr, nt, dt, with_lz):
     return _reduced_kernel(nthr, dt, NB, cw, with_lz), nch * mb, nch, mb
 
 
-_FLAT = ("q1", "k1", "v1", "X1", "h1")  #: argument names that stand for the flat view of q, k, v, X, h
+INT32 = ("sync", "flags", "rsync")  #: the layouts' int32 buffers, zero at the start of a call
+
+
+def _source(name):
+    """The array a launch argument's name stands for: ``q1`` (a name ending in 1) is the flat view of
+    ``q``, anything else itself."""
+    return name[:-1] if name.endswith("1") else name
 
 
 def _layout(B, n, d, dv, b, nt, dt):
-    """The forward's buffers ``{name: shape}`` (``sync``: int32, the rest ``dt``) and its launches
-    ``[(kernel, grid, threads, argument names)]``; ``q k v gamma scale`` name the inputs, a name of
-    :data:`_FLAT` the flat view of the array its first letter names."""
+    """The forward's buffers ``{name: shape}`` (those of :data:`INT32` int32, the rest ``dt``), its
+    outputs ``{name: shape}`` and its launches ``[(kernel, grid, threads, argument names)]``; ``q k
+    v gamma scale`` name the inputs, a name ending in 1 the flat view of an array (:func:`_source`).
+    ``sync[0:3]`` are the non-finite flags of q, k, v."""
     m = K._cdiv(n, b)
     nthr = _threads(nt)
     red, rgrid, nch, mb = _reduced_launch(m, dv, nthr, nt, dt, True)
@@ -1807,9 +1887,9 @@ def _layout(B, n, d, dv, b, nt, dt):
     PTl = _pooled_tile()
     npt = K._cdiv(m, PTl)
     ntt = (PTl // 4) ** 2
-    bufs = {"X": (B, n, dv), "qbar": (B, m, d), "kbarT": (B, d, m), "vs": (B, m, dv), "W": (B, m, m),
-            "c": (B, m), "psum": (B, npt, m), "Pp": (B, npt, m, dv), "h": (B, n), "rr": (B, m, dv),
-            "g": (B, m), "Z": (B, m, dv), "WZ": (B, m, dv), "sync": (SYNC_HEAD + B * nch * mb,)}
+    bufs = {"sync": (SYNC_HEAD + B * nch * mb,), "qbar": (B, m, d), "kbarT": (B, d, m), "vs": (B, m, dv),
+            "W": (B, m, m), "c": (B, m), "psum": (B, npt, m), "Pp": (B, npt, m, dv), "h": (B, n),
+            "rr": (B, m, dv), "g": (B, m), "Z": (B, m, dv), "WZ": (B, m, dv)}
     launches = [
         (_means_kernel(b, nthr, dt), B * m, nthr, "q k v scale qbar kbarT vs c sync"),
         (_scores_kernel(d, PTl, dt), B * npt * npt, ntt, "qbar kbarT W c"),
@@ -1818,7 +1898,70 @@ def _layout(B, n, d, dv, b, nt, dt):
         (red, B * rgrid, nthr, "W g rr Z WZ sync"),
         (_combine_kernel(b, dv, nthr, dt), B * m, nthr, "X1 h1 WZ gamma"),
     ]
-    return bufs, [(kern, grid, nt_, names.split()) for kern, grid, nt_, names in launches]
+    return bufs, {"X": (B, n, dv)}, [(kern, grid, nt_, names.split()) for kern, grid, nt_, names in launches]
+
+
+def _backward_layout(B, n, d, dv, b, nt, dt):
+    """The backward's buffers, outputs and launches, as :func:`_layout` (``dy``, ``y`` name the two
+    more inputs; ``n`` the sequence length): the pooled part (steps 1-3 of the forward), the
+    within-block solve :func:`_bsolve_kernel`, the transposed reduced system (:func:`_flip_kernel`,
+    the reduced solver, :func:`_unflip_kernel` of its product ``W^T Z``), :func:`_grads_kernel` and
+    the pooled gradients (:func:`_pgrad_kernel`, :func:`_pgrad_apply_kernel`).  ``flags[0:4]`` are
+    the non-finite flags of q, k, v, dy, final once the fourth launch has run; ``gsum`` summed over
+    its last axis is ``dgamma``."""
+    m = K._cdiv(n, b)
+    nthr = _threads(nt)
+    red, rgrid, nch, mb = _reduced_launch(m, dv, nthr, nt, dt, True)
+    nblk = _block_threads(b, nt)
+    PTl = _pooled_tile()
+    npt = K._cdiv(m, PTl)
+    ntt = (PTl // 4) ** 2
+    TS, nflip = _flip_tile(nt)
+    ntile = K._cdiv(m, TS)
+    bufs = {"flags": (SYNC_HEAD,), "rsync": (SYNC_HEAD + B * nch * mb,), "qbar": (B, m, d), "kbarT": (B, d, m),
+            "vs": (B, m, dv), "W": (B, m, m), "c": (B, m), "psum": (B, npt, m), "Pp": (B, npt, m, dv),
+            "Dst": (B, m, b, b), "u": (B, n), "G": (B, n, dv), "hp": (B, n), "rr": (B, m, dv), "gd": (B, m),
+            "Lr": (B, m, m), "gr": (B, m), "Rr": (B, m, dv), "Zr": (B, m, dv), "LZr": (B, m, dv),
+            "WtZ": (B, m, dv), "Gu": (B, m, dv), "asum": (B, m), "Rsum": (B, m, dv), "gdx": (B, m),
+            "Xsum": (B, m, dv), "dqp": (B, npt, m, d), "dkp": (B, npt, m, d), "dvp": (B, npt, m, dv)}
+    outputs = {"dq": (B, n, d), "dk": (B, n, d), "dvv": (B, n, dv), "gsum": (B, m)}
+    launches = [
+        (_means_kernel(b, nthr, dt), B * m, nthr, "q k v scale qbar kbarT vs c flags"),
+        (_scores_kernel(d, PTl, dt), B * npt * npt, ntt, "qbar kbarT W c"),
+        (_softmax_kernel(PTl, dt), B * npt * npt, ntt, "W c vs psum Pp"),
+        (_bsolve_kernel(b, d, dv, nblk, PTl, dt), B * m, nblk,
+         "q1 k1 gamma scale c psum dy1 Dst1 u G1 hp1 rr gd flags"),
+        (_flip_kernel(TS, nflip, dt), B * ntile * ntile, nflip, "W gd rr Lr gr Rr"),
+        (red, B * rgrid, nthr, "Lr gr Rr Zr LZr rsync"),
+        (_unflip_kernel(nthr), _unflip_grid(B, m, dv, nthr), nthr, "LZr WtZ"),
+        (_grads_kernel(b, d, dv, nthr, dt), B * m, nthr,
+         "q1 k1 v1 y1 gamma scale Dst1 u G1 hp WtZ dq1 dk1 dvv1 Gu asum Rsum gdx Xsum"),
+        (_pgrad_kernel(d, dv, PTl, b, dt), B * npt * npt, ntt, "W Gu Rsum asum qbar kbarT n dqp dkp dvp"),
+        (_pgrad_apply_kernel(b, d, dv, nthr, PTl, dt), B * m, nthr,
+         "dq1 dk1 dvv1 dqp dkp dvp Xsum gdx dy1 y1 gamma scale gsum"),
+    ]
+    return bufs, outputs, [(kern, grid, nt_, names.split()) for kern, grid, nt_, names in launches]
+
+
+BWD_FLAGS_AFTER = 3  #: the backward launch after which its non-finite flags are final
+
+
+def _run(xp, layout, env, dt, after=None, hook=None):
+    """Allocate a layout's buffers and outputs with ``xp`` (those ``env`` already holds are used as
+    they are), launch its kernels one by one and return ``env``; ``hook()`` runs once launch
+    ``after`` is queued.  The plans below launch the same kernels on the same arguments."""
+    bufs, outputs, launches = layout
+    for name, shape in {**bufs, **outputs}.items():
+        if name not in env:
+            env[name] = xp.zeros(shape, dtype=np.int32) if name in INT32 else xp.empty(shape, dtype=dt)
+    for name in {nm for *_, names in launches for nm in names}:
+        if name not in env:
+            env[name] = env[_source(name)].reshape(-1)
+    for i, (kern, grid, nthr, names) in enumerate(launches):
+        K._launch(kern, grid, nthr, None, tuple(env[nm] for nm in names))
+        if i == after and hook is not None:
+            hook()
+    return env
 
 
 def forward(xp, q, k, v, gamma, b, scale, *, nt=None):
@@ -1829,60 +1972,75 @@ def forward(xp, q, k, v, gamma, b, scale, *, nt=None):
     """
     B, n, d = q.shape
     dt = q.dtype
-    bufs, launches = _layout(B, n, d, v.shape[-1], b, nt, dt)
-    env = {name: xp.empty(shape, dtype=dt) for name, shape in bufs.items() if name != "sync"}
-    env.update(q=q, k=k, v=v, gamma=gamma, scale=dt.type(scale), sync=xp.zeros(bufs["sync"], dtype=np.int32))
-    env.update({nm: env[nm[:-1]].reshape(-1) for nm in _FLAT})
-    for kern, grid, nthr, names in launches:
-        K._launch(kern, grid, nthr, None, tuple(env[nm] for nm in names))
+    env = _run(xp, _layout(B, n, d, v.shape[-1], b, nt, dt),
+               {"q": q, "k": k, "v": v, "gamma": gamma, "scale": dt.type(scale)}, dt)
     return env["X"], env["sync"][:3]
 
 
-class _Plan:
-    """The forward's launches at one shape, as raw parameter words with the pointers left to fill: a
-    call then allocates two buffers (the output and one workspace), patches the words and launches,
-    instead of building a dozen arrays and six argument lists in Python (0.1-0.2 ms)."""
+def backward(xp, q, k, v, y, dy, gamma, b, scale, flags, *, nt=None, flags_set=None):
+    """The float32 blockwise backward from the forward's output ``y``: ``(dq, dk, dv, dgamma)``.
+    ``flags`` (``SYNC_HEAD`` int32, zero) gets the non-finite flags of q, k, v, dy in ``[0:4]``;
+    ``flags_set()`` is called once the kernel that sets the last of them is queued."""
+    B, n, d = q.shape
+    dt = q.dtype
+    env = {"q": q, "k": k, "v": v, "y": y, "dy": dy, "gamma": gamma, "scale": dt.type(scale), "n": n,
+           "flags": flags}
+    env = _run(xp, _backward_layout(B, n, d, v.shape[-1], b, nt, dt), env, dt, BWD_FLAGS_AFTER, flags_set)
+    return env["dq"], env["dk"], env["dvv"], env["gsum"].sum(axis=-1)
 
-    def __init__(self, B, n, d, dv, b, dt):
+
+class _Plan:
+    """A layout's launches at one shape, as raw parameter words with the pointers left to fill: a
+    call then allocates one workspace and the outputs, patches the words and launches, instead of
+    building a few dozen arrays and an argument list a launch in Python (0.1-0.5 ms a call).
+
+    ``inputs``: ``{name: (shape, dtype)}`` of the arrays a call passes (their pointers are patched),
+    ``consts``: the scalars fixed by the shape (``n``); ``scale`` is patched; ``flags``: ``(buffer,
+    count, launch)``: the non-finite flags a checked call copies back once that launch has run."""
+
+    def __init__(self, layout, inputs, consts, dt, flags):
         import cupy
 
-        bufs, launches = _layout(B, n, d, dv, b, None, dt)
-        self.out_shape = bufs.pop("X")
+        bufs, self.outputs, launches = layout
+        order = [nm for nm in bufs if nm in INT32] + [nm for nm in bufs if nm not in INT32]
         self.offsets = {}
         size = 0
-        for name, shape in bufs.items():  # 256-byte aligned views of one workspace
+        for name in order:  # 256-byte aligned views of one workspace, the int32 ones first
             self.offsets[name] = size
-            size += -(-(math.prod(shape) * 4) // 256) * 256
+            size += -(-(math.prod(bufs[name]) * 4) // 256) * 256
+            if name in INT32:
+                self.zero_bytes = size  # one memset zeroes them all
         self.nbytes = size
-        self.sync_bytes = math.prod(bufs["sync"]) * 4
+        self.dt = dt
+        self.flags = flags
         ws = cupy.empty(size, dtype=np.uint8)
-        X = cupy.empty(self.out_shape, dtype=dt)
-        env = {name: cupy.ndarray(shape, dtype=np.int32 if name == "sync" else dt,
+        env = {name: cupy.ndarray(shape, dtype=np.int32 if name in INT32 else dt,
                                   memptr=ws.data + self.offsets[name]) for name, shape in bufs.items()}
-        env.update(X=X, q=cupy.empty((B, n, d), dt), k=cupy.empty((B, n, d), dt),
-                   v=cupy.empty((B, n, dv), dt), gamma=cupy.empty(B, dt), scale=dt.type(1))
-        env.update({nm: env[nm[:-1]].reshape(-1) for nm in _FLAT})
+        env.update({name: cupy.empty(shape, dtype=dt) for name, shape in self.outputs.items()})
+        env.update({name: cupy.empty(shape, dtype=idt) for name, (shape, idt) in inputs.items()})
+        env.update(consts, scale=dt.type(1))
         built = []
         for kern, grid, nthr, names in launches:
-            args = tuple(env[nm] for nm in names)
+            args = tuple(env[nm] if nm in env else env[_source(nm)].reshape(-1) for nm in names)
             key, words = K._fast_args(args)
             fn = K._BY_KEY.get((id(kern), key))
             if fn is None:
                 fn = K._BY_KEY[(id(kern), key)] = K._fast_function(kern, tuple(K._numba_argtype(a) for a in args))
             slots, sources, pos = [], [], 0
             for nm, a in zip(names, args):
-                if nm == "scale":
-                    slots.append(pos)
-                    sources.append(nm)
+                if not K._is_cupy(a):  # a scalar: one word (only ``scale`` changes between calls)
+                    if nm == "scale":
+                        slots.append(pos)
+                        sources.append(nm)
                     pos += 1
                 else:
                     slots.append(pos + 4)  # (meminfo, parent, nitems, itemsize, data, shape, strides)
-                    sources.append(nm[:-1] if nm in _FLAT else nm)  # a flat view: the same pointer
+                    sources.append(_source(nm))  # a flat view: the same pointer
                     pos += 5 + 2 * a.ndim
             grid3 = (grid + (1, 1))[:3] if isinstance(grid, tuple) else (grid, 1, 1)
-            built.append((fn, grid3, nthr, words, np.array(slots), sources))
+            built.append((fn, grid3, nthr, words, slots, sources))
         # every launch's words in one buffer that the calls patch in place, and each launch's array
-        # of pointers to its words built once: a call then costs two NumPy assignments and the six
+        # of pointers to its words built once: a call then costs two NumPy assignments and the
         # cuLaunchKernel calls (the driver copies the words before it returns), not ~10 us a launch
         # of copies and ``ndarray.ctypes`` lookups
         self.words = np.concatenate([w for _, _, _, w, _, _ in built]).astype(np.uint64)
@@ -1907,12 +2065,13 @@ class _Plan:
         self.scale_bits: dict = {}  # scale -> its float32 bits
         self.lock = threading.Lock()  # the words are shared: one call patches and launches at a time
 
-    def run(self, q, k, v, gamma, scale, check=False):
-        """Queue the forward on CuPy's current stream; returns ``(Y, workspace, flags)``: ``flags`` is
-        None, or with ``check`` ``(event, host int32 array)``: the event completes once the non-finite
-        flags of q, k, v are in the array.  They are final when the first kernel (``means``) ends,
-        so they are copied on a side stream that waits for that kernel only: the call then waits
-        for ``means``, not for the whole forward (the wait at the end cost 0.026 ms a call)."""
+    def run(self, arrays, scale, check=False):
+        """Queue the launches on CuPy's current stream for ``arrays`` (``{input name: CuPy array}``);
+        returns ``(outputs, workspace, flags)``: ``flags`` is None, or with ``check`` ``(event, host
+        int32 array)``: the event completes once the non-finite flags are in the array.  They are
+        final once launch ``self.flags[2]`` has run, so they are copied on a side stream that waits
+        for the launches up to that one only: the call then waits for those, not for all of them
+        (the wait at the end of the forward cost 0.026 ms a call)."""
         import cupy
 
         cur = cupy.cuda.get_current_stream()
@@ -1922,28 +2081,32 @@ class _Plan:
         bits = self.scale_bits.get(scale)
         if bits is None:
             bits = self.scale_bits[scale] = int(np.float32(scale).view(np.uint32))
-        ptr = {"q": q.data.ptr, "k": k.data.ptr, "v": v.data.ptr, "gamma": gamma.data.ptr, "scale": bits}
+        ptr = {nm: a.data.ptr for nm, a in arrays.items()}
+        ptr["scale"] = bits
         launch = cupy.cuda.driver.launchKernel
+        fname, count, after = self.flags
         flags = None
         words = self.words
         with self.lock:
             ws_idx, ws_off, arg_idx, arg_src = self.groups[0]
             words[ws_idx] = ws_off + base
             words[arg_idx] = [ptr[nm] for nm in arg_src]
-            sync = int(base) + self.offsets["sync"]
-            cupy.cuda.runtime.memsetAsync(sync, 0, self.sync_bytes, stream)
+            cupy.cuda.runtime.memsetAsync(int(base), 0, self.zero_bytes, stream)
             fn, grid3, nthr, _, params = self.calls[0]
             launch(fn.ptr, grid3[0], grid3[1], grid3[2], nthr, 1, 1, 0, stream, params, 0)
-            if check:
-                flags = copy_flags_after(cur, sync)
-            X = cupy.empty(self.out_shape, dtype=q.dtype)
-            ptr["X"] = X.data.ptr
+            if check and after == 0:
+                flags = copy_flags_after(cur, int(base) + self.offsets[fname], count)
+            outs = {name: cupy.empty(shape, dtype=self.dt) for name, shape in self.outputs.items()}
+            ptr.update((name, a.data.ptr) for name, a in outs.items())
             ws_idx, ws_off, arg_idx, arg_src = self.groups[1]
             words[ws_idx] = ws_off + base
             words[arg_idx] = [ptr[nm] for nm in arg_src]
-            for fn, grid3, nthr, _, params in self.calls[1:]:
+            for i in range(1, len(self.calls)):
+                fn, grid3, nthr, _, params = self.calls[i]
                 launch(fn.ptr, grid3[0], grid3[1], grid3[2], nthr, 1, 1, 0, stream, params, 0)
-        return X, ws, flags
+                if check and i == after:
+                    flags = copy_flags_after(cur, int(base) + self.offsets[fname], count)
+        return outs, ws, flags
 
 
 _SIDE: dict = {}  #: device id -> the side stream that copies the non-finite flags back
@@ -1974,19 +2137,25 @@ def copy_flags_after(stream, src, count=3):
 _PLANS: dict = {}
 
 
-def _planned(q, k, v, gamma):
-    """The shape part of the plan's key for these arrays, ``(B, n, d, dv)``, or ``None`` where the
-    general path must run (the simulator, a layout other than C-contiguous CuPy arrays)."""
-    if K._simulated() or not all(K._is_cupy(x) and x.flags.c_contiguous for x in (q, k, v, gamma)):
-        return None
-    return q.shape + (v.shape[2],)
+def _planned(*arrays):
+    """Whether the plans below may run on these arrays: C-contiguous CuPy arrays on a real device
+    (the simulator, or another layout, takes the launches one by one)."""
+    return not K._simulated() and all(K._is_cupy(x) and x.flags.c_contiguous for x in arrays)
+
+
+def _plan(key, make):
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= 32:
+            _PLANS.clear()
+        plan = _PLANS[key] = make()
+    return plan
 
 
 def forward_checked(xp, q, k, v, gamma, b, scale, *, nt=None, check=True):
     """:func:`forward`, then one synchronisation that raises ``ValueError`` for non-finite input
     (``check=False``: no synchronisation, the call returns as soon as the launches are queued)."""
-    key = None if nt is not None else _planned(q, k, v, gamma)
-    if key is None:
+    if nt is not None or not _planned(q, k, v, gamma):
         y, bad = forward(xp, q, k, v, gamma, b, scale, nt=nt)
         if check:
             raise_nonfinite(bad.get() if hasattr(bad, "get") else bad)
@@ -2001,78 +2170,59 @@ def run_plan(q, k, v, gamma, b, scale, device, check=True):
     (B, n, dv) on ``device`` (the current one), ``gamma`` (B,) float32 there, ``b <= MAX_BLOCK``; the
     inputs are not checked here (:func:`forward_checked` and ``_api.chain_attention_fast`` do)."""
     B, n, d = q.shape
-    key = (B, n, d, v.shape[2], b, device)
-    plan = _PLANS.get(key)
-    if plan is None:
-        if len(_PLANS) >= 32:
-            _PLANS.clear()
-        plan = _PLANS[key] = _Plan(B, n, d, v.shape[2], b, q.dtype)
-    y, ws, flags = plan.run(q, k, v, gamma, scale, check)
+    dv = v.shape[2]
+    dt = q.dtype
+
+    def make():
+        inputs = {"q": ((B, n, d), dt), "k": ((B, n, d), dt), "v": ((B, n, dv), dt), "gamma": ((B,), dt)}
+        return _Plan(_layout(B, n, d, dv, b, None, dt), inputs, {}, dt, ("sync", 3, 0))
+
+    plan = _plan(("fwd", B, n, d, dv, b, device), make)
+    outs, ws, flags = plan.run({"q": q, "k": k, "v": v, "gamma": gamma}, scale, check)
     if not check:
-        return y  # the workspace goes back to CuPy's pool, reusable by later work on this stream only
+        return outs["X"]  # the workspace goes back to CuPy's pool, reusable by later work on this stream only
     done, bad = flags
     done.synchronize()  # the flags are in: means has run (the rest of the forward may still run)
     raise_nonfinite(bad)
-    return y
+    return outs["X"]
+
+
+def run_backward_plan(q, k, v, y, dy, gamma, b, scale, device, check=True):
+    """The backward through its launch plan, on arrays as :func:`run_plan` takes them and ``y``, ``dy``
+    shaped as ``v``: ``(dq, dk, dv, dgamma, flags)``, ``flags`` the non-finite flags of q, k, v, dy
+    on the host (None without ``check``), read once the kernel that sets the last of them has run."""
+    B, n, d = q.shape
+    dv = v.shape[2]
+    dt = q.dtype
+
+    def make():
+        inputs = {"q": ((B, n, d), dt), "k": ((B, n, d), dt), "v": ((B, n, dv), dt), "y": ((B, n, dv), dt),
+                  "dy": ((B, n, dv), dt), "gamma": ((B,), dt)}
+        return _Plan(_backward_layout(B, n, d, dv, b, None, dt), inputs, {"n": n}, dt,
+                     ("flags", 4, BWD_FLAGS_AFTER))
+
+    plan = _plan(("bwd", B, n, d, dv, b, device), make)
+    outs, ws, flags = plan.run({"q": q, "k": k, "v": v, "y": y, "dy": dy, "gamma": gamma}, scale, check)
+    dgamma = outs["gsum"].sum(axis=-1)
+    bad = None
+    if check:
+        done, bad = flags
+        done.synchronize()
+    return outs["dq"], outs["dk"], outs["dvv"], dgamma, bad
 
 
 def pooled(xp, q, k, v, b, scale, flags, *, nt=None):
-    """The pooled part for the backward, in three launches (means, the pooled-score tiles, their
-    softmax): ``(c, W, psum, qbar, kbarT)``, ``c`` and ``W`` as :func:`._blockwise.pooled_scores`
-    gives them, ``psum`` the tiles' row sums (:func:`_pooled_stats` reads them), ``qbar`` scaled by
-    ``scale``, ``kbar`` transposed.  ``flags[0:3]`` (int32, zeroed by the caller) are set where q, k
-    or v holds a non-finite value."""
+    """The pooled part alone (the backward's first three launches): ``(c, W, psum, qbar, kbarT)``,
+    ``c`` and ``W`` as :func:`._blockwise.pooled_scores` gives them, ``psum`` the tiles' row sums
+    (:func:`_pooled_stats` reads them), ``qbar`` scaled by ``scale``, ``kbar`` transposed.
+    ``flags[0:3]`` (int32, zeroed by the caller) are set where q, k or v holds a non-finite value."""
     B, n, d = q.shape
     dt = q.dtype
-    dv = v.shape[2]
-    m = K._cdiv(n, b)
-    nthr = _threads(nt)
-    PTl = _pooled_tile()
-    npt = K._cdiv(m, PTl)
-    ntt = (PTl // 4) ** 2
-    qbar = xp.empty((B, m, d), dtype=dt)
-    kbarT = xp.empty((B, d, m), dtype=dt)
-    vs = xp.empty((B, m, dv), dtype=dt)
-    W = xp.empty((B, m, m), dtype=dt)
-    c = xp.empty((B, m), dtype=dt)
-    psum = xp.empty((B, npt, m), dtype=dt)
-    Pp = xp.empty((B, npt, m, dv), dtype=dt)
-    K._launch(_means_kernel(b, nthr, dt), B * m, nthr, None, (q, k, v, dt.type(scale), qbar, kbarT, vs, c, flags))
-    K._launch(_scores_kernel(d, PTl, dt), B * npt * npt, ntt, None, (qbar, kbarT, W, c))
-    K._launch(_softmax_kernel(PTl, dt), B * npt * npt, ntt, None, (W, c, vs, psum, Pp))
-    return c, W, psum, qbar, kbarT
-
-
-def _flat(x):
-    """The flat view of a C-contiguous array (kernels that take flat arrays write through it)."""
-    if not x.flags.c_contiguous:
-        raise ValueError("internal: a flat kernel argument must be C-contiguous")
-    return x.reshape(-1)
-
-
-def backward_solve(q, k, gamma, b, scale, c, psum, dy, Dst, u, G0, hp, rr, gd, flags, *, nt=None):
-    """:func:`._kernels.backward_solve` by :func:`_bsolve_kernel`, on ``dy`` (it forms ``dX = (1 -
-    gamma) dy`` itself; ``flags[3]`` set where ``dy`` is not finite), with the pooled mass from
-    :func:`pooled`'s ``psum``."""
-    B, n, d = q.shape
-    nthr = _block_threads(b, nt)
-    kern = _bsolve_kernel(b, d, dy.shape[2], nthr, _pooled_tile(), np.dtype(q.dtype))
-    f = _flat
-    K._launch(kern, B * K._cdiv(n, b), nthr, None,
-              (f(q), f(k), gamma, q.dtype.type(scale), c, psum, f(dy), f(Dst), u, f(G0), f(hp), rr, gd, flags))
-
-
-def backward_grads(q, k, v, y, gamma, b, scale, Dst, u, G, hp, WtZ, dq, dk, dvv, Gu, asum, Rsum, gdx, Xsum, *,
-                   nt=None):
-    """:func:`._kernels.backward_grads` by :func:`_grads_kernel`: on the forward's output ``y``, not
-    ``X``, and also the block sums ``Xsum`` (B, m, dv) of ``X``."""
-    B, n, d = q.shape
-    nthr = _threads(nt)
-    kern = _grads_kernel(b, d, v.shape[2], nthr, np.dtype(q.dtype))
-    f = _flat
-    K._launch(kern, B * K._cdiv(n, b), nthr, None,
-              (f(q), f(k), f(v), f(y), gamma, q.dtype.type(scale), f(Dst), u, f(G), hp, WtZ, f(dq), f(dk), f(dvv),
-               Gu, asum, Rsum, gdx, Xsum))
+    bufs, _, launches = _backward_layout(B, n, d, v.shape[2], b, nt, dt)
+    env = {"q": q, "k": k, "v": v, "scale": dt.type(scale), "flags": flags}
+    env = _run(xp, ({nm: bufs[nm] for nm in ("qbar", "kbarT", "vs", "W", "c", "psum", "Pp")}, {}, launches[:3]),
+               env, dt)
+    return env["c"], env["W"], env["psum"], env["qbar"], env["kbarT"]
 
 
 def reduced_solve(xp, L, g, R, *, with_product=False, nt=None):
@@ -2090,6 +2240,27 @@ def reduced_solve(xp, L, g, R, *, with_product=False, nt=None):
     return (Z, LZ) if with_product else Z
 
 
+def reduced_solve_transposed(xp, W, g, R, *, with_product=False, nt=None):
+    """``Z = (I - diag(g) W^T)^{-1} R`` for C-contiguous float32 ``W`` (B, m, m) strictly lower (its
+    upper part is not read): :func:`_flip_kernel`, :func:`reduced_solve` on the reversed lower system
+    and :func:`_unflip_kernel` (the backward's launches 5-7).  ``with_product``: ``(Z, W^T Z)``."""
+    B, m, kc = R.shape
+    dt = np.dtype(R.dtype)
+    TS, nflip = _flip_tile(nt)
+    Lr = xp.empty((B, m, m), dtype=dt)
+    gr = xp.empty((B, m), dtype=dt)
+    Rr = xp.empty((B, m, kc), dtype=dt)
+    K._launch(_flip_kernel(TS, nflip, dt), B * K._cdiv(m, TS) ** 2, nflip, None, (W, g, R, Lr, gr, Rr))
+    out = reduced_solve(xp, Lr, gr, Rr, with_product=with_product, nt=nt)
+    nthr = _threads(nt)
+    back = []
+    for x in out if with_product else (out,):
+        y = xp.empty_like(x)
+        K._launch(_unflip_kernel(nthr), _unflip_grid(B, m, kc, nthr), nthr, None, (x, y))
+        back.append(y)
+    return tuple(back) if with_product else back[0]
+
+
 def raise_nonfinite(bad, names=("q", "k", "v")):
     """Raise the CPU layer's ``ValueError`` for the first array flagged non-finite (``bad``: one
     truth value per name; from :func:`forward`'s kernels or ``_api._all_finite``'s reductions)."""
@@ -2098,5 +2269,3 @@ def raise_nonfinite(bad, names=("q", "k", "v")):
     for name, flag in zip(names, (int(x) for x in bad)):
         if flag:
             raise nonfinite_error(name)
-
-
