@@ -1875,25 +1875,34 @@ def _source(name):
     return name[:-1] if name.endswith("1") else name
 
 
+def _pooled_part(B, n, d, dv, b, nt, dt, flags):
+    """What both layouts share: ``(m, threads, threads of the per-block kernels, pooled tile, the
+    reduced launch (:func:`_reduced_launch`), the pooled part's buffers, its three launches)``;
+    ``flags`` names the int32 buffer whose ``[0:3]`` ``means`` sets."""
+    m = K._cdiv(n, b)
+    nthr = _threads(nt)
+    PTl = _pooled_tile()
+    npt = K._cdiv(m, PTl)
+    ntt = (PTl // 4) ** 2
+    bufs = {"qbar": (B, m, d), "kbarT": (B, d, m), "vs": (B, m, dv), "W": (B, m, m), "c": (B, m),
+            "psum": (B, npt, m), "Pp": (B, npt, m, dv)}
+    launches = [
+        (_means_kernel(b, nthr, dt), B * m, nthr, f"q k v scale qbar kbarT vs c {flags}"),
+        (_scores_kernel(d, PTl, dt), B * npt * npt, ntt, "qbar kbarT W c"),
+        (_softmax_kernel(PTl, dt), B * npt * npt, ntt, "W c vs psum Pp"),
+    ]
+    return m, nthr, _block_threads(b, nt), PTl, _reduced_launch(m, dv, nthr, nt, dt, True), bufs, launches
+
+
 def _layout(B, n, d, dv, b, nt, dt):
     """The forward's buffers ``{name: shape}`` (those of :data:`INT32` int32, the rest ``dt``), its
     outputs ``{name: shape}`` and its launches ``[(kernel, grid, threads, argument names)]``; ``q k
     v gamma scale`` name the inputs, a name ending in 1 the flat view of an array (:func:`_source`).
     ``sync[0:3]`` are the non-finite flags of q, k, v."""
-    m = K._cdiv(n, b)
-    nthr = _threads(nt)
-    red, rgrid, nch, mb = _reduced_launch(m, dv, nthr, nt, dt, True)
-    nblk = _block_threads(b, nt)
-    PTl = _pooled_tile()
-    npt = K._cdiv(m, PTl)
-    ntt = (PTl // 4) ** 2
-    bufs = {"sync": (SYNC_HEAD + B * nch * mb,), "qbar": (B, m, d), "kbarT": (B, d, m), "vs": (B, m, dv),
-            "W": (B, m, m), "c": (B, m), "psum": (B, npt, m), "Pp": (B, npt, m, dv), "h": (B, n),
-            "rr": (B, m, dv), "g": (B, m), "Z": (B, m, dv), "WZ": (B, m, dv)}
-    launches = [
-        (_means_kernel(b, nthr, dt), B * m, nthr, "q k v scale qbar kbarT vs c sync"),
-        (_scores_kernel(d, PTl, dt), B * npt * npt, ntt, "qbar kbarT W c"),
-        (_softmax_kernel(PTl, dt), B * npt * npt, ntt, "W c vs psum Pp"),
+    m, nthr, nblk, PTl, (red, rgrid, nch, mb), pbufs, launches = _pooled_part(B, n, d, dv, b, nt, dt, "sync")
+    bufs = {"sync": (SYNC_HEAD + B * nch * mb,), **pbufs, "h": (B, n), "rr": (B, m, dv), "g": (B, m),
+            "Z": (B, m, dv), "WZ": (B, m, dv)}
+    launches += [
         (_rows_kernel(b, d, dv, nblk, PTl, dt), B * m, nblk, "q1 k1 v1 gamma scale c psum Pp X1 h1 rr g"),
         (red, B * rgrid, nthr, "W g rr Z WZ sync"),
         (_combine_kernel(b, dv, nthr, dt), B * m, nthr, "X1 h1 WZ gamma"),
@@ -1909,26 +1918,17 @@ def _backward_layout(B, n, d, dv, b, nt, dt):
     the pooled gradients (:func:`_pgrad_kernel`, :func:`_pgrad_apply_kernel`).  ``flags[0:4]`` are
     the non-finite flags of q, k, v, dy, final once the fourth launch has run; ``gsum`` summed over
     its last axis is ``dgamma``."""
-    m = K._cdiv(n, b)
-    nthr = _threads(nt)
-    red, rgrid, nch, mb = _reduced_launch(m, dv, nthr, nt, dt, True)
-    nblk = _block_threads(b, nt)
-    PTl = _pooled_tile()
+    m, nthr, nblk, PTl, (red, rgrid, nch, mb), pbufs, launches = _pooled_part(B, n, d, dv, b, nt, dt, "flags")
     npt = K._cdiv(m, PTl)
-    ntt = (PTl // 4) ** 2
     TS, nflip = _flip_tile(nt)
     ntile = K._cdiv(m, TS)
-    bufs = {"flags": (SYNC_HEAD,), "rsync": (SYNC_HEAD + B * nch * mb,), "qbar": (B, m, d), "kbarT": (B, d, m),
-            "vs": (B, m, dv), "W": (B, m, m), "c": (B, m), "psum": (B, npt, m), "Pp": (B, npt, m, dv),
+    bufs = {"flags": (SYNC_HEAD,), "rsync": (SYNC_HEAD + B * nch * mb,), **pbufs,
             "Dst": (B, m, b, b), "u": (B, n), "G": (B, n, dv), "hp": (B, n), "rr": (B, m, dv), "gd": (B, m),
             "Lr": (B, m, m), "gr": (B, m), "Rr": (B, m, dv), "Zr": (B, m, dv), "LZr": (B, m, dv),
             "WtZ": (B, m, dv), "Gu": (B, m, dv), "asum": (B, m), "Rsum": (B, m, dv), "gdx": (B, m),
             "Xsum": (B, m, dv), "dqp": (B, npt, m, d), "dkp": (B, npt, m, d), "dvp": (B, npt, m, dv)}
     outputs = {"dq": (B, n, d), "dk": (B, n, d), "dvv": (B, n, dv), "gsum": (B, m)}
-    launches = [
-        (_means_kernel(b, nthr, dt), B * m, nthr, "q k v scale qbar kbarT vs c flags"),
-        (_scores_kernel(d, PTl, dt), B * npt * npt, ntt, "qbar kbarT W c"),
-        (_softmax_kernel(PTl, dt), B * npt * npt, ntt, "W c vs psum Pp"),
+    launches += [
         (_bsolve_kernel(b, d, dv, nblk, PTl, dt), B * m, nblk,
          "q1 k1 gamma scale c psum dy1 Dst1 u G1 hp1 rr gd flags"),
         (_flip_kernel(TS, nflip, dt), B * ntile * ntile, nflip, "W gd rr Lr gr Rr"),
@@ -1936,7 +1936,7 @@ def _backward_layout(B, n, d, dv, b, nt, dt):
         (_unflip_kernel(nthr), _unflip_grid(B, m, dv, nthr), nthr, "LZr WtZ"),
         (_grads_kernel(b, d, dv, nthr, dt), B * m, nthr,
          "q1 k1 v1 y1 gamma scale Dst1 u G1 hp WtZ dq1 dk1 dvv1 Gu asum Rsum gdx Xsum"),
-        (_pgrad_kernel(d, dv, PTl, b, dt), B * npt * npt, ntt, "W Gu Rsum asum qbar kbarT n dqp dkp dvp"),
+        (_pgrad_kernel(d, dv, PTl, b, dt), B * npt * npt, (PTl // 4) ** 2, "W Gu Rsum asum qbar kbarT n dqp dkp dvp"),
         (_pgrad_apply_kernel(b, d, dv, nthr, PTl, dt), B * m, nthr,
          "dq1 dk1 dvv1 dqp dkp dvp Xsum gdx dy1 y1 gamma scale gsum"),
     ]
@@ -2218,10 +2218,9 @@ def pooled(xp, q, k, v, b, scale, flags, *, nt=None):
     ``flags[0:3]`` (int32, zeroed by the caller) are set where q, k or v holds a non-finite value."""
     B, n, d = q.shape
     dt = q.dtype
-    bufs, _, launches = _backward_layout(B, n, d, v.shape[2], b, nt, dt)
+    *_, bufs, launches = _pooled_part(B, n, d, v.shape[2], b, nt, dt, "flags")
     env = {"q": q, "k": k, "v": v, "scale": dt.type(scale), "flags": flags}
-    env = _run(xp, ({nm: bufs[nm] for nm in ("qbar", "kbarT", "vs", "W", "c", "psum", "Pp")}, {}, launches[:3]),
-               env, dt)
+    env = _run(xp, (bufs, {}, [(kern, grid, nt_, names.split()) for kern, grid, nt_, names in launches]), env, dt)
     return env["c"], env["W"], env["psum"], env["qbar"], env["kbarT"]
 
 
